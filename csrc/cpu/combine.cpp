@@ -1,0 +1,229 @@
+// mmfast::combine_ on CPU tensors: argument checks, the chunk table, the small
+// per-tensor and per-group maths between the passes, and the statistics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace mmfast::cpu {
+namespace {
+
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Elements per chunk: large enough to stream, small enough to balance two threads
+// over a ResNet's tensor sizes. Part of the result's definition (the fp32 blocks
+// live inside chunks), so it is fixed, not tuned per machine.
+constexpr int64_t kChunk = 1 << 15;
+// Below this many elements the threads cost more than they save.
+constexpr int64_t kSerialBelow = 1 << 16;
+
+enum class Method { kMMPareto, kDGL, kSum };
+
+Method parse_method(c10::string_view m) {
+  if (m == "mmpareto") return Method::kMMPareto;
+  if (m == "dgl") return Method::kDGL;
+  if (m == "sum") return Method::kSum;
+  TORCH_CHECK_VALUE(false, "mmfast::combine_: method: expected 'mmpareto', 'dgl' or 'sum', got '", std::string(m), "'");
+}
+
+Dtype dtype_code(c10::ScalarType s, const char* arg, size_t i) {
+  switch (s) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default:
+      TORCH_CHECK_TYPE(false, "mmfast::combine_: ", arg, "[", i, "]: expected float16, bfloat16, float32 or float64, got ",
+                       s);
+  }
+}
+
+void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* arg, size_t i) {
+  TORCH_CHECK_VALUE(t.defined(), "mmfast::combine_: ", arg, "[", i, "]: expected a tensor, got None");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "mmfast::combine_ (cpu backend): ", arg, "[", i,
+                    "]: expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "mmfast::combine_: ", arg, "[", i, "]: expected dtype ",
+                   like.scalar_type(), " (as out[", i, "]), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "mmfast::combine_: ", arg, "[", i, "]: expected shape ", like.sizes(),
+                    " (as out[", i, "]), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.is_contiguous(), "mmfast::combine_: ", arg, "[", i,
+                    "]: expected a contiguous strided tensor (call .contiguous() first)");
+}
+
+template <class Fn>
+void for_chunks(int64_t n_chunks, int64_t n_elements, const Fn& fn) {
+  if (n_elements < kSerialBelow) {
+    fn(0, n_chunks);
+  } else {
+    at::parallel_for(0, n_chunks, 1, fn);
+  }
+}
+
+}  // namespace
+
+Stats combine_cpu(at::TensorList out, at::TensorList grads_mm, at::TensorList grads_uni, at::IntArrayRef groups,
+                  at::IntArrayRef fusion, c10::string_view method_name, double gamma, double alpha,
+                  std::optional<double> max_norm) {
+  const Method method = parse_method(method_name);
+  const size_t n = out.size();
+  TORCH_CHECK_VALUE(n > 0, "mmfast::combine_: out: expected at least one tensor, got an empty list");
+  TORCH_CHECK_VALUE(grads_mm.size() == n, "mmfast::combine_: grads_mm: expected ", n, " tensors (as out), got ",
+                    grads_mm.size());
+  TORCH_CHECK_VALUE(grads_uni.size() == n, "mmfast::combine_: grads_uni: expected ", n, " tensors (as out), got ",
+                    grads_uni.size());
+  TORCH_CHECK_VALUE(groups.size() == n, "mmfast::combine_: groups: expected ", n, " entries, got ", groups.size());
+  TORCH_CHECK_VALUE(fusion.empty() || fusion.size() == n, "mmfast::combine_: fusion: expected ", n,
+                    " entries or none, got ", fusion.size());
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, "mmfast::combine_: gamma: expected a finite positive number");
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "mmfast::combine_: alpha: expected a finite number");
+  TORCH_CHECK_VALUE(!max_norm || (std::isfinite(*max_norm) && *max_norm > 0),
+                    "mmfast::combine_: max_norm: expected a finite positive number or None");
+
+  int64_t num_groups = 0;
+  std::vector<TensorRef> refs(n);
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(out[i].defined(), "mmfast::combine_: out[", i, "]: expected a tensor, got None");
+    const Dtype d = dtype_code(out[i].scalar_type(), "out", i);
+    check_tensor(out[i], out[i], "out", i);
+    check_tensor(grads_mm[i], out[i], "grads_mm", i);
+    check_tensor(grads_uni[i], out[i], "grads_uni", i);
+    TORCH_CHECK_VALUE(groups[i] >= -1, "mmfast::combine_: groups[", i, "]: expected a group id >= 0 or -1, got ",
+                      groups[i]);
+    num_groups = std::max<int64_t>(num_groups, groups[i] + 1);
+    refs[i] = {grads_mm[i].const_data_ptr(), grads_uni[i].const_data_ptr(), out[i].data_ptr(), d};
+    const int64_t numel = out[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(kChunk, numel - begin)});
+    }
+    total += numel;
+  }
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<Partial> partials(n_chunks);
+
+  // Per-tensor sums in chunk order, then per-group sums in tensor order: fixed
+  // orders, so any thread count gives the same bits.
+  std::vector<double> t_aa(n, 0.0), t_ab(n, 0.0), t_bb(n, 0.0), t_sq(n, 0.0);
+  bool all_finite = true;
+  auto reduce_partials = [&](bool gram, bool sq) {
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const Partial& p = partials[c];
+      const int64_t t = chunks[c].tensor;
+      if (gram) {
+        t_aa[t] += p.aa;
+        t_ab[t] += p.ab;
+        t_bb[t] += p.bb;
+      }
+      if (sq) t_sq[t] += p.sq;
+      all_finite &= p.finite;
+    }
+  };
+
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor gram = at::zeros({num_groups, 3}, f64);
+  double* G = gram.data_ptr<double>();
+  auto group_sums = [&]() {
+    for (size_t t = 0; t < n; ++t) {
+      if (groups[t] < 0) continue;
+      double* g = G + 3 * groups[t];
+      g[0] += t_aa[t];
+      g[1] += t_ab[t];
+      g[2] += t_bb[t];
+    }
+  };
+
+  at::Tensor weights = at::empty({num_groups, 2}, f64);
+  double* Wt = weights.data_ptr<double>();
+  std::vector<Coef> coefs(n);
+
+  if (method == Method::kMMPareto) {
+    for_chunks(n_chunks, total, [&](int64_t b, int64_t e) { gram_chunks(refs.data(), chunks.data(), b, e, partials.data()); });
+    reduce_partials(true, false);
+    group_sums();
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const double AA = G[3 * g], AB = G[3 * g + 1], BB = G[3 * g + 2];
+      double w = 0.5;
+      if (!(AB > 0)) {  // conflict (a NaN counts as one, as in the reference)
+        if (AB >= AA) w = 0.999;
+        else if (AB >= BB) w = 0.001;
+        else w = (BB - AB) / (AA + BB - 2 * AB);
+      }
+      Wt[2 * g] = w;
+      Wt[2 * g + 1] = 1 - w;
+    }
+    for (size_t t = 0; t < n; ++t) {
+      if (groups[t] < 0) {
+        coefs[t] = {1.0, 1.0, kAB};
+        continue;
+      }
+      const double w = Wt[2 * groups[t]], u = Wt[2 * groups[t] + 1];
+      // ||n_t||^2 and ||a_t + b_t||^2 from the Gram: no fourth backward, no extra pass.
+      const double nn = std::max(0.0, 4 * (w * w * t_aa[t] + 2 * w * u * t_ab[t] + u * u * t_bb[t]));
+      const double ss = std::max(0.0, t_aa[t] + 2 * t_ab[t] + t_bb[t]);
+      double s = 0.0;  // ||n_t|| = 0: the update is defined as 0
+      if (!(nn == 0)) s = gamma * std::max(std::sqrt(ss) / std::sqrt(nn), 1.0);
+      coefs[t] = {2 * s * w, 2 * s * u, kAB};
+    }
+    for_chunks(n_chunks, total, [&](int64_t b, int64_t e) {
+      combine_chunks(refs.data(), coefs.data(), chunks.data(), b, e, false, partials.data());
+    });
+    reduce_partials(false, true);
+  } else {
+    for (size_t t = 0; t < n; ++t) {
+      if (method == Method::kSum) {
+        coefs[t] = {1.0, 1.0, kAB};
+      } else if (!fusion.empty() && fusion[t]) {
+        coefs[t] = {1.0, 0.0, kA};
+      } else if (groups[t] >= 0) {
+        coefs[t] = {0.0, alpha, kB};
+      } else {
+        coefs[t] = {1.0, alpha, kAB};
+      }
+    }
+    // One pass: the Gram (for the statistics) rides along with the combine.
+    for_chunks(n_chunks, total, [&](int64_t b, int64_t e) {
+      combine_chunks(refs.data(), coefs.data(), chunks.data(), b, e, true, partials.data());
+    });
+    reduce_partials(true, true);
+    group_sums();
+    const double wm = method == Method::kSum ? 1.0 : 0.0, wu = method == Method::kSum ? 1.0 : alpha;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      Wt[2 * g] = wm;
+      Wt[2 * g + 1] = wu;
+    }
+  }
+
+  double total_sq = 0;
+  for (size_t t = 0; t < n; ++t) total_sq += t_sq[t];
+  const double total_norm = std::sqrt(total_sq);
+  double clip = 1.0;
+  if (max_norm) {
+    clip = std::min(1.0, *max_norm / (total_norm + 1e-6));
+    // Only when clipping bites; a NaN norm propagates as clip_grad_norm_ does.
+    if (!(clip >= 1.0)) {
+      for_chunks(n_chunks, total, [&](int64_t b, int64_t e) { scale_chunks(refs.data(), chunks.data(), b, e, clip); });
+    }
+  }
+
+  at::Tensor cos = at::empty({num_groups}, f64);
+  at::Tensor conflict = at::empty({num_groups}, at::TensorOptions().dtype(at::kBool));
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const double AA = G[3 * g], AB = G[3 * g + 1], BB = G[3 * g + 2];
+    const double denom = std::sqrt(AA) * std::sqrt(BB);
+    cos.data_ptr<double>()[g] = denom > 0 ? AB / denom : 0.0;
+    conflict.data_ptr<bool>()[g] = !(AB > 0);
+  }
+  return {gram, cos, weights, conflict, at::scalar_tensor(total_norm, f64), at::scalar_tensor(clip, f64),
+          at::scalar_tensor(all_finite, at::TensorOptions().dtype(at::kBool))};
+}
+
+}  // namespace mmfast::cpu
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) { m.impl("combine_", &mmfast::cpu::combine_cpu); }

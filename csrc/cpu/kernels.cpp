@@ -1,0 +1,240 @@
+// SIMD loops of the CPU backend. Every entry point is compiled three times
+// (AVX-512, AVX2+FMA, baseline x86-64) and the loader picks the best clone the
+// machine supports, so the wheel stays portable and still uses the wide units.
+#include "kernels.h"
+
+#include <algorithm>
+#include <type_traits>
+
+#include "vec.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_CLONES)
+#define MMFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMFAST_CLONES
+#endif
+
+namespace mmfast::cpu {
+namespace {
+
+struct F64 {
+  using T = double;
+  using V = v8d;
+  static constexpr int64_t W = 8;
+  static MMFAST_INLINE V load(const T* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static MMFAST_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+template <class S>
+struct Wide : S {
+  using V = v16f;
+  static constexpr int64_t W = 16;
+};
+
+// fp32 sums run over blocks this long, then move to fp64 (SEMANTICS.md, Precision).
+constexpr int64_t kBlock = 1024;
+
+template <class S>
+MMFAST_INLINE typename S::V load_tail(const typename S::T* p, int64_t k) {
+  typename S::T buf[S::W] = {};
+  std::memcpy(buf, p, k * sizeof(typename S::T));
+  return S::load(buf);
+}
+template <class S>
+MMFAST_INLINE void store_tail(typename S::T* p, typename S::V v, int64_t k) {
+  typename S::T buf[S::W];
+  S::store(buf, v);
+  std::memcpy(p, buf, k * sizeof(typename S::T));
+}
+
+template <class S>
+MMFAST_INLINE bool all_zero(typename S::V z) {
+  // z accumulates (x - x): 0 for finite x, NaN otherwise.
+  bool ok = true;
+  for (int64_t j = 0; j < S::W; ++j) ok &= (z[j] == 0);
+  return ok;
+}
+
+template <class S>
+MMFAST_INLINE void gram_range(const typename S::T* a, const typename S::T* b, int64_t n, Partial& p) {
+  using V = typename S::V;
+  constexpr int64_t W = S::W;
+  double aa = 0, ab = 0, bb = 0;
+  V z = {};
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const typename S::T* pa = a + start;
+    const typename S::T* pb = b + start;
+    V saa = {}, sab = {}, sbb = {};
+    int64_t i = 0;
+    for (; i + W <= m; i += W) {
+      const V x = S::load(pa + i), y = S::load(pb + i);
+      saa += x * x;
+      sab += x * y;
+      sbb += y * y;
+      z += (x - x) + (y - y);
+    }
+    if (i < m) {
+      const V x = load_tail<S>(pa + i, m - i), y = load_tail<S>(pb + i, m - i);
+      saa += x * x;
+      sab += x * y;
+      sbb += y * y;
+      z += (x - x) + (y - y);
+    }
+    aa += hsum(saa);
+    ab += hsum(sab);
+    bb += hsum(sbb);
+  }
+  p.aa = aa;
+  p.ab = ab;
+  p.bb = bb;
+  p.sq = 0;
+  p.finite = all_zero<S>(z);
+}
+
+template <class S, Mode M, bool G>
+MMFAST_INLINE void combine_range(const typename S::T* a, const typename S::T* b, typename S::T* o, int64_t n,
+                                 double ca_, double cb_, Partial& p) {
+  using V = typename S::V;
+  using E = decltype(V{}[0]);
+  constexpr int64_t W = S::W;
+  constexpr bool kReadA = M != kB || G;
+  constexpr bool kReadB = M != kA || G;
+  const E ca = static_cast<E>(ca_), cb = static_cast<E>(cb_);
+  double aa = 0, ab = 0, bb = 0, sq = 0;
+  V z = {};
+  auto step = [&](V x, V y, V& ssq, V& saa, V& sab, V& sbb) MMFAST_INLINE_LAMBDA {
+    const V v = M == kAB ? ca * x + cb * y : (M == kA ? ca * x : cb * y);
+    ssq += v * v;
+    if constexpr (G) {
+      saa += x * x;
+      sab += x * y;
+      sbb += y * y;
+      z += (x - x) + (y - y);
+    } else {
+      if constexpr (kReadA) z += x - x;
+      if constexpr (kReadB) z += y - y;
+    }
+    return v;
+  };
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const typename S::T* pa = a + start;
+    const typename S::T* pb = b + start;
+    typename S::T* po = o + start;
+    V ssq = {}, saa = {}, sab = {}, sbb = {};
+    int64_t i = 0;
+    for (; i + W <= m; i += W) {
+      const V x = kReadA ? S::load(pa + i) : V{};
+      const V y = kReadB ? S::load(pb + i) : V{};
+      S::store(po + i, step(x, y, ssq, saa, sab, sbb));
+    }
+    if (i < m) {
+      const V x = kReadA ? load_tail<S>(pa + i, m - i) : V{};
+      const V y = kReadB ? load_tail<S>(pb + i, m - i) : V{};
+      store_tail<S>(po + i, step(x, y, ssq, saa, sab, sbb), m - i);
+    }
+    sq += hsum(ssq);
+    if constexpr (G) {
+      aa += hsum(saa);
+      ab += hsum(sab);
+      bb += hsum(sbb);
+    }
+  }
+  p.aa = aa;
+  p.ab = ab;
+  p.bb = bb;
+  p.sq = sq;
+  p.finite = all_zero<S>(z);
+}
+
+template <class S>
+MMFAST_INLINE void scale_range(typename S::T* o, int64_t n, double coef_) {
+  using V = typename S::V;
+  using E = decltype(V{}[0]);
+  constexpr int64_t W = S::W;
+  const E coef = static_cast<E>(coef_);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) S::store(o + i, S::load(o + i) * coef);
+  if (i < n) store_tail<S>(o + i, load_tail<S>(o + i, n - i) * coef, n - i);
+}
+
+// Calls fn with the storage type of a dtype.
+template <class Fn>
+MMFAST_INLINE void with_storage(Dtype d, Fn&& fn) {
+  switch (d) {
+    case kF32: fn(Wide<F32>{}); break;
+    case kF64: fn(F64{}); break;
+    case kBF16: fn(Wide<BF16>{}); break;
+    case kF16: fn(Wide<F16>{}); break;
+  }
+}
+
+}  // namespace
+
+MMFAST_CLONES void gram_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end,
+                               Partial* partials) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorRef& t = tensors[ch.tensor];
+    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
+      using S = decltype(s);
+      using T = typename S::T;
+      gram_range<S>(static_cast<const T*>(t.a) + ch.begin, static_cast<const T*>(t.b) + ch.begin, ch.n, partials[c]);
+    });
+  }
+}
+
+MMFAST_CLONES void combine_chunks(const TensorRef* tensors, const Coef* coefs, const Chunk* chunks, int64_t begin,
+                                  int64_t end, bool with_gram, Partial* partials) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorRef& t = tensors[ch.tensor];
+    const Coef& k = coefs[ch.tensor];
+    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
+      using S = decltype(s);
+      using T = typename S::T;
+      const T* a = static_cast<const T*>(t.a) + ch.begin;
+      const T* b = static_cast<const T*>(t.b) + ch.begin;
+      T* o = static_cast<T*>(t.out) + ch.begin;
+      Partial& p = partials[c];
+      auto run = [&](auto mode, auto gram) MMFAST_INLINE_LAMBDA {
+        combine_range<S, decltype(mode)::value, decltype(gram)::value>(a, b, o, ch.n, k.ca, k.cb, p);
+      };
+      using kG = std::true_type;
+      using kNoG = std::false_type;
+      using AB = std::integral_constant<Mode, kAB>;
+      using A = std::integral_constant<Mode, kA>;
+      using B = std::integral_constant<Mode, kB>;
+      switch (k.mode) {
+        case kAB: with_gram ? run(AB{}, kG{}) : run(AB{}, kNoG{}); break;
+        case kA: with_gram ? run(A{}, kG{}) : run(A{}, kNoG{}); break;
+        case kB: with_gram ? run(B{}, kG{}) : run(B{}, kNoG{}); break;
+      }
+    });
+  }
+}
+
+MMFAST_CLONES void scale_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end,
+                                double coef) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorRef& t = tensors[ch.tensor];
+    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
+      using S = decltype(s);
+      scale_range<S>(static_cast<typename S::T*>(t.out) + ch.begin, ch.n, coef);
+    });
+  }
+}
+
+const char* simd_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3)";
+  return "sse2 (x86-64 baseline)";
+#else
+  return "generic (compiler vector extensions)";
+#endif
+}
+
+}  // namespace mmfast::cpu

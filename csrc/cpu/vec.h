@@ -1,0 +1,94 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions.
+//
+// A v16f is 16 floats; the compiler lowers it to one zmm (AVX-512), two ymm
+// (AVX2) or four xmm (SSE2), whichever the calling function's target allows, so
+// the same source serves every clone of kernels.cpp. Loads and stores go through
+// memcpy: gradients carry no alignment promise.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace mmfast::cpu {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+#define MMFAST_INLINE inline __attribute__((always_inline))
+#define MMFAST_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename To, typename From>
+MMFAST_INLINE To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast size");
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
+}
+
+// bfloat16 <-> float. Round to nearest even; NaN stays a quiet NaN (as c10::BFloat16).
+MMFAST_INLINE v16f bf16_to_f32(v16h h) {
+  return bit_cast<v16f>(__builtin_convertvector(h, v16u) << 16);
+}
+MMFAST_INLINE v16h f32_to_bf16(v16f f) {
+  v16u u = bit_cast<v16u>(f);
+  v16u rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  v16u nan = v16u{} + 0x7FC0u;
+  return __builtin_convertvector(bit_cast<v16u>((f != f) ? bit_cast<v16i>(nan) : bit_cast<v16i>(rounded)), v16h);
+}
+
+// IEEE half <-> float, exact and branch-free (the classic fp16 bit tricks; the
+// same rounding as c10::Half), so they vectorise without F16C.
+MMFAST_INLINE v16f f16_to_f32(v16h h) {
+  const v16u w = __builtin_convertvector(h, v16u) << 16;
+  const v16u sign = w & 0x80000000u;
+  const v16u two_w = w + w;
+  const v16f normalized = bit_cast<v16f>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const v16f denormalized = bit_cast<v16f>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const v16i is_denorm = bit_cast<v16i>(two_w < (1u << 27));
+  const v16i magnitude = is_denorm ? bit_cast<v16i>(denormalized) : bit_cast<v16i>(normalized);
+  return bit_cast<v16f>(sign | bit_cast<v16u>(magnitude));
+}
+MMFAST_INLINE v16h f32_to_f16(v16f f) {
+  const v16u w = bit_cast<v16u>(f);
+  const v16u shl1_w = w + w;
+  const v16u sign = w & 0x80000000u;
+  v16f base = bit_cast<v16f>(w & 0x7FFFFFFFu) * 0x1.0p+112f * 0x1.0p-110f;
+  v16u bias = shl1_w & 0xFF000000u;
+  bias = bit_cast<v16u>((bias < 0x71000000u) ? bit_cast<v16i>(v16u{} + 0x71000000u) : bit_cast<v16i>(bias));
+  base = bit_cast<v16f>((bias >> 1) + 0x07800000u) + base;
+  const v16u bits = bit_cast<v16u>(base);
+  const v16u nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+  const v16u nan = v16u{} + 0x7E00u;
+  const v16u mag = bit_cast<v16u>((shl1_w > 0xFF000000u) ? bit_cast<v16i>(nan) : bit_cast<v16i>(nonsign));
+  return __builtin_convertvector((sign >> 16) | mag, v16h);
+}
+
+// Storage types: how 16 elements of each dtype load into and store from v16f.
+struct F32 {
+  using T = float;
+  static MMFAST_INLINE v16f load(const T* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
+  static MMFAST_INLINE void store(T* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static MMFAST_INLINE v16f load(const T* p) { v16h v; std::memcpy(&v, p, sizeof v); return bf16_to_f32(v); }
+  static MMFAST_INLINE void store(T* p, v16f v) { v16h h = f32_to_bf16(v); std::memcpy(p, &h, sizeof h); }
+};
+struct F16 {
+  using T = uint16_t;
+  static MMFAST_INLINE v16f load(const T* p) { v16h v; std::memcpy(&v, p, sizeof v); return f16_to_f32(v); }
+  static MMFAST_INLINE void store(T* p, v16f v) { v16h h = f32_to_f16(v); std::memcpy(p, &h, sizeof h); }
+};
+
+MMFAST_INLINE double hsum(v8d v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+MMFAST_INLINE double hsum(v16f v) {
+  // Pairwise in double: the lanes are already blockwise fp32 partial sums.
+  v8d lo = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+  v8d hi = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+  return hsum(lo + hi);
+}
+
+}  // namespace mmfast::cpu

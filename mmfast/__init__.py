@@ -1,0 +1,23 @@
+"""mmfast: fused gradient combination for multimodal training (MMPareto, DGL).
+
+The public API is small: ``combine_`` (the in-place op), ``CombineStats`` (what it
+returns) and ``backends()`` (what this process can run).
+"""
+from ._backends import BackendInfo, backends
+from ._combine import combine_
+from ._stats import CombineStats
+
+__version__ = "0.1.0"
+__all__ = ["combine_", "CombineStats", "BackendInfo", "backends", "__version__"]
+
+
+def _register() -> None:
+    from ._backends import _C
+
+    if _C is not None:
+        from ._ops import _register_fake
+
+        _register_fake()
+
+
+_register()

@@ -1,0 +1,38 @@
+"""Python side of the ``mmfast::combine_`` operator: shapes for tracing, unpacking."""
+from __future__ import annotations
+
+import torch
+
+from ._args import CombineArgs
+from ._stats import CombineStats
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("mmfast::combine_")
+    def _(out, grads_mm, grads_uni, groups, fusion, method, gamma, alpha, max_norm):
+        g = max(groups) + 1 if len(groups) else 0
+        like = dict(dtype=torch.float64, device=out[0].device)
+        return (
+            out[0].new_empty((g, 3), **like),
+            out[0].new_empty((g,), **like),
+            out[0].new_empty((g, 2), **like),
+            out[0].new_empty((g,), dtype=torch.bool),
+            out[0].new_empty((), **like),
+            out[0].new_empty((), **like),
+            out[0].new_empty((), dtype=torch.bool),
+        )
+
+
+def call_op(args: CombineArgs) -> CombineStats:
+    gram, cos, weights, conflict, total_norm, clip_coef, all_finite = torch.ops.mmfast.combine_(
+        args.out,
+        args.grads_mm,
+        args.grads_uni,
+        args.groups,
+        [int(f) for f in args.fusion],
+        args.method,
+        args.gamma,
+        args.alpha,
+        args.max_norm,
+    )
+    return CombineStats(gram, cos, weights[:, 0], weights[:, 1], conflict, total_norm, clip_coef, all_finite)

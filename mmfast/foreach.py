@@ -14,7 +14,7 @@ import torch
 
 from ._args import OUTSIDE, CombineArgs
 from ._stats import CombineStats
-from .reference import acc_dtype, clip_coefficient, group_stats
+from .reference import ZERO_REL, acc_dtype, clip_coefficient, group_stats
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -26,12 +26,8 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_norms(ts) -> torch.Tensor:
-    dtypes = {t.dtype for t in ts}
-    if len(dtypes) == 1:
-        norms = torch._foreach_norm(ts, 2, dtype=acc_dtype(dtypes.pop()))
-    else:
-        norms = [torch.linalg.vector_norm(t, dtype=acc_dtype(t.dtype)) for t in ts]
-    return torch.stack(norms).double().square()
+    # fp64 accumulation: torch's fp32 norm of a long tensor misses SEMANTICS.md's precision.
+    return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).square()
 
 
 def combine_foreach(args: CombineArgs) -> CombineStats:
@@ -54,7 +50,8 @@ def combine_foreach(args: CombineArgs) -> CombineStats:
         u = 1 - w
         nn = (4 * (w * w * aa + 2 * w * u * ab + u * u * bb)).clamp(min=0)
         ss = (aa + 2 * ab + bb).clamp(min=0)
-        s = torch.where(nn == 0, 0.0, args.gamma * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
+        zero = nn <= ZERO_REL * 4 * (w * w * aa + u * u * bb)
+        s = torch.where(zero, 0.0, args.gamma * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
         ca = torch.where(inside, 2 * s * w, 1.0)
         cb = torch.where(inside, 2 * s * u, 1.0)
         for t in range(len(out)):

@@ -13,6 +13,11 @@ from ._args import OUTSIDE, CombineArgs
 from ._stats import CombineStats
 
 
+# ||n_t||^2 below this fraction of 4*(w_mm^2*||a_t||^2 + w_uni^2*||b_t||^2) is rounding
+# noise of a cancellation (a_t and b_t antiparallel): n_t counts as zero, g_t = 0.
+ZERO_REL = 1e-6
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 are accumulated in fp32; fp32 and fp64 in themselves."""
     return torch.promote_types(dtype, torch.float32)
@@ -94,7 +99,8 @@ def combine_reference(args: CombineArgs) -> CombineStats:
             n = 2 * w_mm * a + 2 * w_uni * b
             n_norm = torch.linalg.vector_norm(n)
             ratio = torch.linalg.vector_norm(a + b) / n_norm
-            out = torch.where(n_norm == 0, torch.zeros_like(n), args.gamma * n * ratio.clamp(min=1.0))
+            terms = 4 * (w_mm**2 * a.square().sum() + w_uni**2 * b.square().sum())
+            out = torch.where(n_norm**2 <= ZERO_REL * terms, torch.zeros_like(n), args.gamma * n * ratio.clamp(min=1.0))
         combined.append(out)
 
     total_sq = sum((torch.linalg.vector_norm(c).double() ** 2 for c in combined), torch.zeros((), **f64))

@@ -36,7 +36,9 @@ from published import (
 )
 
 RTOL = 1e-5
-BACKENDS = ["torch", "cpu", "foreach", "cuda"]  # "cuda" runs everything on the GPU
+# "cuda" runs everything on the GPU; so does "triton" where a GPU is visible (else it
+# runs on CPU tensors, which needs TRITON_INTERPRET=1, set by tests/conftest.py).
+BACKENDS = ["torch", "cpu", "foreach", "cuda", "triton"]
 N_CLASSES = 4
 BATCH = 4
 
@@ -57,7 +59,9 @@ def backend(request):
 
 
 def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend in ("cuda", "triton") else "cpu")
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def assert_grads_close(got, want, what="grad", rtol=RTOL):
@@ -92,9 +96,9 @@ def make_inputs(seed: int, device="cpu"):
     return x_a.to(device), x_v.to(device), y.to(device)
 
 
-def make_seed_av(seed: int, mode: str = "natural") -> SeedAV:
+def make_seed_av(seed: int, mode: str = "natural", device="cpu") -> SeedAV:
     torch.manual_seed(seed)
-    model = SeedAV(N_CLASSES)
+    model = SeedAV(N_CLASSES).to(device)
     with torch.no_grad():
         if mode == "clamps":
             # visual half of the fusion head zero: the visual encoder gets no
@@ -114,7 +118,7 @@ def split_uni(names, g_a, g_v):
     return out
 
 
-def mmfast_step(model, optimizer, x_a, x_v, y, *, backend, method, inplace=False, step=False, **kw):
+def mmfast_step(model, optimizer, x_a, x_v, y, *, backend, method, inplace="out", step=False, **kw):
     """The same training step, with mmfast.combine_ doing the gradient surgery."""
     criterion = nn.CrossEntropyLoss()
     optimizer.zero_grad()
@@ -130,13 +134,14 @@ def mmfast_step(model, optimizer, x_a, x_v, y, *, backend, method, inplace=False
         kw["fusion"] = [n.split(".")[0] == "fusion_module" for n in names]
     a_copy = [t.clone() for t in a]
     b_copy = [t.clone() for t in b]
-    outs = a if inplace else [torch.full_like(t, float("nan")) for t in a]
+    outs = {"mm": a, "uni": b}.get(inplace) or [torch.full_like(t, float("nan")) for t in a]
     stats = mmfast.combine_(outs, a, b, method=method, groups=groups, backend=backend, **kw)
-    if not inplace:
+    if inplace != "mm":
         for i, (t, c) in enumerate(zip(a, a_copy)):
-            assert torch.equal(t, c), f"combine_ modified grads_mm[{i}] although out is separate"
-    for i, (t, c) in enumerate(zip(b, b_copy)):
-        assert torch.equal(t, c), f"combine_ modified grads_uni[{i}]"
+            assert torch.equal(t, c), f"combine_ modified grads_mm[{i}] although it is not out"
+    if inplace != "uni":
+        for i, (t, c) in enumerate(zip(b, b_copy)):
+            assert torch.equal(t, c), f"combine_ modified grads_uni[{i}] although it is not out"
     for (_, p), o in zip(named, outs):
         p.grad = o
     if step:
@@ -163,12 +168,13 @@ def test_natural_model_hits_both_branches():
     assert seen == {True, False}
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("inplace", ["out", "mm", "uni"])
 @pytest.mark.parametrize("seed,mode", [(0, "natural"), (1, "natural"), (2, "natural"), (6, "natural"), (3, "clamps")])
 def test_mmpareto_model_step(backend, seed, mode, inplace):
-    model_pub = make_seed_av(seed, mode)
+    dev = device_of(backend)
+    model_pub = make_seed_av(seed, mode, dev)
     model_mmf = copy.deepcopy(model_pub)
-    x_a, x_v, y = make_inputs(seed)
+    x_a, x_v, y = make_inputs(seed, dev)
 
     opt_pub = torch.optim.SGD(model_pub.parameters(), lr=0.01)
     info = published_mmpareto_step(model_pub, opt_pub, x_a, x_v, y)
@@ -285,16 +291,19 @@ CASES = ["no_conflict", "no_conflict_ab_ge_aa", "no_conflict_ab_ge_bb", "closed_
          "orthogonal", "clamp_hi", "clamp_lo", "both_zero", "mixed"]
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("inplace", ["out", "mm", "uni"])
 @pytest.mark.parametrize("case", CASES)
 def test_mmpareto_crafted(backend, case, inplace):
+    dev = device_of(backend)
     a, b, groups, branches = crafted(case)
+    a = [t.to(dev) for t in a]
+    b = [t.to(dev) for t in b]
     want, info = published_mmpareto_combine(a, b, groups, gamma=1.5)
 
     a_in = [t.clone() for t in a]
-    outs = a_in if inplace else [torch.full_like(t, float("nan")) for t in a]
-    stats = mmfast.combine_(outs, a_in, [t.clone() for t in b], method="mmpareto", groups=groups,
-                            gamma=1.5, backend=backend)
+    b_in = [t.clone() for t in b]
+    outs = {"mm": a_in, "uni": b_in}.get(inplace) or [torch.full_like(t, float("nan")) for t in a]
+    stats = mmfast.combine_(outs, a_in, b_in, method="mmpareto", groups=groups, gamma=1.5, backend=backend)
     assert_grads_close(outs, want, f"crafted {case}")
 
     G = len(branches)
@@ -345,6 +354,8 @@ def test_mmpareto_crafted(backend, case, inplace):
 
 def test_crafted_gamma(backend):
     a, b, groups, _ = crafted("mixed")
+    a = [t.to(device_of(backend)) for t in a]
+    b = [t.to(device_of(backend)) for t in b]
     want, _ = published_mmpareto_combine(a, b, groups, gamma=0.7)
     outs = [torch.empty_like(t) for t in a]
     mmfast.combine_(outs, a, b, method="mmpareto", groups=groups, gamma=0.7, backend=backend)
@@ -361,7 +372,8 @@ def _assert_models_equal(m1, m2, what):
 
 
 def test_mmpareto_sgd_steps(backend):
-    model_pub = make_seed_av(0)
+    dev = device_of(backend)
+    model_pub = make_seed_av(0, device=dev)
     model_mmf = copy.deepcopy(model_pub)
     start = copy.deepcopy(model_pub)
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -369,7 +381,7 @@ def test_mmpareto_sgd_steps(backend):
     opt_mmf = torch.optim.SGD(model_mmf.parameters(), **sgd)
     conflicts = []
     for step in range(5):
-        x_a, x_v, y = make_inputs(100 + step)
+        x_a, x_v, y = make_inputs(100 + step, dev)
         info = published_mmpareto_step(model_pub, opt_pub, x_a, x_v, y, step=True)
         stats, _ = mmfast_step(model_mmf, opt_mmf, x_a, x_v, y, backend=backend, method="mmpareto", step=True)
         conflicts += [info["cos_audio"] <= 0, info["cos_visual"] <= 0]
@@ -381,9 +393,9 @@ def test_mmpareto_sgd_steps(backend):
 # ------------------------------------------------------------------------- DGL
 
 
-def make_seed_dgl(seed: int, detach: bool = True) -> SeedDGL:
+def make_seed_dgl(seed: int, detach: bool = True, device="cpu") -> SeedDGL:
     torch.manual_seed(seed)
-    return SeedDGL(N_CLASSES, detach=detach)
+    return SeedDGL(N_CLASSES, detach=detach).to(device)
 
 
 @pytest.mark.parametrize("clip", ["inactive", "none", "active"])
@@ -392,9 +404,10 @@ def test_dgl_model_step(backend, seed, clip):
     alpha = 4.0
     pub_max = {"inactive": 40.0, "none": 40.0, "active": 0.05}[clip]
     mmf_max = {"inactive": 40.0, "none": None, "active": 0.05}[clip]
-    model_pub = make_seed_dgl(seed)
+    dev = device_of(backend)
+    model_pub = make_seed_dgl(seed, device=dev)
     model_mmf = copy.deepcopy(model_pub)
-    x_a, x_v, y = make_inputs(seed)
+    x_a, x_v, y = make_inputs(seed, dev)
 
     total = published_dgl_step(model_pub, x_a, x_v, y, alpha=alpha, max_norm=pub_max)
     want = grads_of(model_pub)
@@ -433,11 +446,12 @@ def test_dgl_drops_multimodal_gradient_of_undetached_model(backend):
     one (same weights), while the published loop on the undetached model differs.
     """
     alpha, max_norm = 4.0, 40.0
-    model_det = make_seed_dgl(2, detach=True)
-    model_und = make_seed_dgl(2, detach=False)
+    dev = device_of(backend)
+    model_det = make_seed_dgl(2, detach=True, device=dev)
+    model_und = make_seed_dgl(2, detach=False, device=dev)
     model_und.load_state_dict(model_det.state_dict())
     model_und_pub = copy.deepcopy(model_und)
-    x_a, x_v, y = make_inputs(2)
+    x_a, x_v, y = make_inputs(2, dev)
 
     published_dgl_step(model_det, x_a, x_v, y, alpha=alpha, max_norm=max_norm)
     published_dgl_step(model_und_pub, x_a, x_v, y, alpha=alpha, max_norm=max_norm)
@@ -453,14 +467,15 @@ def test_dgl_drops_multimodal_gradient_of_undetached_model(backend):
 @pytest.mark.parametrize("max_norm", [40.0, 0.05], ids=["clip_inactive", "clip_active"])
 def test_dgl_sgd_steps(backend, max_norm):
     alpha = 4.0
-    model_pub = make_seed_dgl(0)
+    dev = device_of(backend)
+    model_pub = make_seed_dgl(0, device=dev)
     model_mmf = copy.deepcopy(model_pub)
     start = copy.deepcopy(model_pub)
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     opt_pub = torch.optim.SGD(model_pub.parameters(), **sgd)
     opt_mmf = torch.optim.SGD(model_mmf.parameters(), **sgd)
     for step in range(5):
-        x_a, x_v, y = make_inputs(200 + step)
+        x_a, x_v, y = make_inputs(200 + step, dev)
         total = published_dgl_step(model_pub, x_a, x_v, y, alpha=alpha, max_norm=max_norm, optimizer=opt_pub)
         stats, _ = mmfast_step(model_mmf, opt_mmf, x_a, x_v, y, backend=backend, method="dgl",
                                alpha=alpha, max_norm=max_norm, step=True)

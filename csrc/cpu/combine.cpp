@@ -20,6 +20,9 @@ using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 // over a ResNet's tensor sizes. Part of the result's definition (the fp32 blocks
 // live inside chunks), so it is fixed, not tuned per machine.
 constexpr int64_t kChunk = 1 << 15;
+// ||n_t||^2 at or below this fraction of its terms is cancellation noise: n_t = 0
+// (mmfast/reference.py, ZERO_REL).
+constexpr double kZeroRel = 1e-6;
 // Below this many elements the threads cost more than they save.
 constexpr int64_t kSerialBelow = 1 << 16;
 
@@ -167,8 +170,9 @@ Stats combine_cpu(at::TensorList out, at::TensorList grads_mm, at::TensorList gr
       // ||n_t||^2 and ||a_t + b_t||^2 from the Gram: no fourth backward, no extra pass.
       const double nn = std::max(0.0, 4 * (w * w * t_aa[t] + 2 * w * u * t_ab[t] + u * u * t_bb[t]));
       const double ss = std::max(0.0, t_aa[t] + 2 * t_ab[t] + t_bb[t]);
-      double s = 0.0;  // ||n_t|| = 0: the update is defined as 0
-      if (!(nn == 0)) s = gamma * std::max(std::sqrt(ss) / std::sqrt(nn), 1.0);
+      const double terms = 4 * (w * w * t_aa[t] + u * u * t_bb[t]);
+      double s = 0.0;  // ||n_t|| = 0: the update is defined as 0 (a NaN falls through)
+      if (!(nn <= kZeroRel * terms)) s = gamma * std::max(std::sqrt(ss) / std::sqrt(nn), 1.0);
       coefs[t] = {2 * s * w, 2 * s * u, kAB};
     }
     for_chunks(n_chunks, total, [&](int64_t b, int64_t e) {

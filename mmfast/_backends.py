@@ -34,6 +34,9 @@ if _C is None:
     )
 
 
+_CUDA_BUILT = bool(_C is not None and _C.cuda_built())  # asked once: pybind calls do not trace
+
+
 def _triton_reason() -> str:
     return "the Triton kernels are not implemented yet (issue 5)"
 
@@ -43,7 +46,7 @@ def backends() -> dict:
     cpu = BackendInfo(_C is not None, _C_REASON)
     if _C is None:
         cuda = BackendInfo(False, _C_REASON)
-    elif not _C.cuda_built():
+    elif not _CUDA_BUILT:
         cuda = BackendInfo(False, "mmfast._C was built without CUDA (no nvcc or a CPU-only torch at build time)")
     elif not torch.cuda.is_available():
         cuda = BackendInfo(False, "no CUDA device is visible")

@@ -1,0 +1,35 @@
+# The two README commands: `make run` (the main job) and `make test` (the suite).
+# Both set up .venv on first use (pinned CPU torch, triton, build of mmfast._C)
+# and are idempotent afterwards.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.mmfast-built
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: setup run test bench clean
+
+$(DEPS): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(BUILT)
+
+run: setup
+	$(PY) bench/table.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pytest bench -q --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info mmfast/_C*.so

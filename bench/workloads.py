@@ -1,0 +1,71 @@
+"""The workloads of BENCHMARKS.md, built from the project's own model code."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mmfast.models import ResNet18Trunk
+
+
+def resnet18_shapes(in_channels: int) -> list:
+    return [tuple(p.shape) for p in ResNet18Trunk(in_channels).parameters()]
+
+
+def resnet18_av():
+    """Two groups (audio: 1-channel ResNet-18 trunk, visual: 3-channel): shapes, groups."""
+    audio, visual = resnet18_shapes(1), resnet18_shapes(3)
+    return audio + visual, [0] * len(audio) + [1] * len(visual)
+
+
+def sweep(n_params: int):
+    """One group of about ``n_params`` parameters in ResNet-18-sized tensors."""
+    trunk = resnet18_shapes(3)
+    shapes, total, i = [], 0, 0
+    while total < n_params:
+        s = trunk[i % len(trunk)]
+        n = 1
+        for d in s:
+            n *= d
+        if total + n > n_params:  # last tensor takes the remainder
+            s, n = (n_params - total,), n_params - total
+        shapes.append(s)
+        total += n
+        i += 1
+    return shapes, [0] * len(shapes)
+
+
+WORKLOADS = {
+    "resnet18-av": resnet18_av,
+    "sweep-1M": lambda: sweep(1_000_000),
+    "sweep-11M": lambda: sweep(11_000_000),
+    "sweep-45M": lambda: sweep(45_000_000),
+}
+
+
+def make_inputs(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    b = [(torch.randn(s, generator=gen) - 0.3 * x.float()).to(dtype) for s, x in zip(shapes, a)]  # conflicting
+    out = [torch.empty_like(x) for x in a]
+    return out, a, b
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(n_bytes: int = 1 << 28, reps: int = 15) -> float:
+    """Bytes per second of a large ``dst.copy_(src)``, counting read plus write."""
+    src = torch.randn(n_bytes // 4)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), reps, warmup=2)
+    return 2 * n_bytes / t

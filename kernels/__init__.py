@@ -1,5 +1,5 @@
-"""Triton kernels of mmfast (installed as ``mmfast.kernels``).
+"""Triton kernels of mmfast (installed as ``mmfast.kernels``): see ``combine.py``.
 
-Not written yet: the Triton backend is tracked by issue 5, and
-``mmfast.backends()["triton"]`` reports it as unavailable until then.
+Imported lazily by the ``triton`` backend; importing triton here would fix its
+interpreter mode too early.
 """

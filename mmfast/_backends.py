@@ -38,7 +38,12 @@ _CUDA_BUILT = bool(_C is not None and _C.cuda_built())  # asked once: pybind cal
 
 
 def _triton_reason() -> str:
-    return "the Triton kernels are not implemented yet (issue 5)"
+    """Empty when the Triton backend can run here: a GPU, or the interpreter for CPU tensors."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU tensors)"
+    return ""
 
 
 def backends() -> dict:

@@ -74,7 +74,9 @@ def _run_op(args):
 
 
 def _run_triton(args):
-    raise NotImplementedError("the Triton backend is not implemented yet (issue 5)")
+    from .kernels.combine import combine_triton
+
+    return combine_triton(args)
 
 
 _RUN = {"torch": _run_torch, "foreach": _run_foreach, "cpu": _run_op, "cuda": _run_op, "triton": _run_triton}

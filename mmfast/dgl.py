@@ -2,6 +2,8 @@
 
     dgl = mmfast.DGL({"audio": model.audio_net, "visual": model.visual_net},
                      fusion=model.fusion_module, alpha=4.0, max_norm=40.0)
+    optimizer.zero_grad()
+    out, out_a, out_v = model(x_a, x_v)
     stats = dgl.backward(loss_mm, {"audio": loss_a, "visual": loss_v})
     optimizer.step()
 

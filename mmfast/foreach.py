@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ._args import OUTSIDE, CombineArgs
+from ._args import CombineArgs
+from ._device_math import MODE_A, MODE_B, group_sums, mmpareto_coefficients, role_coefficients
 from ._stats import CombineStats
-from .reference import ZERO_REL, acc_dtype, clip_coefficient, group_stats
+from .reference import acc_dtype, clip_coefficient, group_stats
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -26,7 +27,6 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def combine_foreach(args: CombineArgs) -> CombineStats:
     a, b, out = args.grads_mm, args.grads_uni, args.out
-    device = out[0].device
     # dot (MKL's SIMD sdot) is both faster and more accurate here than _foreach_norm,
     # whose fp32 sum of a million squares is off by about 1e-5.
     aa = torch.stack([_dot(x, x) for x in a]).double()
@@ -36,36 +36,24 @@ def combine_foreach(args: CombineArgs) -> CombineStats:
     # (documented: this path may flag such overflowing gradients as non-finite).
     all_finite = torch.isfinite(aa).all() & torch.isfinite(bb).all()
 
-    groups = torch.tensor(args.groups, device=device)
-    inside = groups != OUTSIDE
     per_tensor = torch.stack([aa, ab, bb], dim=1)
-    gram = torch.zeros(args.num_groups, 3, dtype=torch.float64, device=device)
-    gram.index_add_(0, groups.clamp(min=0), per_tensor * inside[:, None])
+    gram = group_sums(per_tensor, args.groups, args.num_groups)
     stats = group_stats(args.method, gram, args.alpha, None, None, all_finite)
 
     if args.method == "mmpareto":
-        g = groups.clamp(min=0)
-        w = stats.w_mm[g] if args.num_groups else torch.zeros_like(aa)
-        u = 1 - w
-        nn = (4 * (w * w * aa + 2 * w * u * ab + u * u * bb)).clamp(min=0)
-        ss = (aa + 2 * ab + bb).clamp(min=0)
-        zero = nn <= ZERO_REL * 4 * (w * w * aa + u * u * bb)
-        s = torch.where(zero, 0.0, args.gamma * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
-        ca = torch.where(inside, 2 * s * w, 1.0)
-        cb = torch.where(inside, 2 * s * u, 1.0)
+        ca, cb = mmpareto_coefficients(per_tensor, stats.w_mm, args)
         for t in range(len(out)):
             _axpby(out[t], a[t], b[t], ca[t], cb[t])
     else:
+        ca, cb, mode = role_coefficients(args)
         for t in range(len(out)):
-            if args.method == "sum":
-                torch.add(a[t], b[t], out=out[t])
-            elif args.fusion[t]:
+            if mode[t] == MODE_A:
                 if out[t] is not a[t]:
                     out[t].copy_(a[t])
-            elif args.groups[t] != OUTSIDE:
-                torch.mul(b[t], args.alpha, out=out[t])
+            elif mode[t] == MODE_B:
+                torch.mul(b[t], cb[t], out=out[t])
             else:
-                torch.add(a[t], b[t], alpha=args.alpha, out=out[t])
+                torch.add(a[t], b[t], alpha=cb[t], out=out[t])
 
     total_norm = torch.stack([_dot(o, o) for o in out]).double().sum().sqrt()
     clip_coef = clip_coefficient(total_norm, args.max_norm)

@@ -1,6 +1,7 @@
 """``mmfast.MMPareto``: the MMPareto training step in two backward passes.
 
     mmp = mmfast.MMPareto({"audio": model.audio_net, "visual": model.visual_net})
+    optimizer.zero_grad()  # the groups' gradients are reset by backward; the rest accumulate
     out, out_a, out_v = model(x_a, x_v)
     stats = mmp.backward(loss_mm, {"audio": loss_a, "visual": loss_v})
     optimizer.step()

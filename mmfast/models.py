@@ -68,3 +68,40 @@ class AVClassifier(nn.Module):
 def resnet18_av(n_classes: int = 6) -> AVClassifier:
     """The seed-like model of BENCHMARKS.md: 1-channel audio and 3-channel visual ResNet-18s."""
     return AVClassifier(ResNet18Trunk(1), ResNet18Trunk(3), 512, n_classes)
+
+
+class ConcatFusionDGL(nn.Module):
+    """DGL's fusion: one linear classifier shared by the multimodal and unimodal logits.
+
+    The multimodal logits see the *detached* concatenation; the unimodal logits of a
+    modality are the same classifier applied to its features with zeros elsewhere.
+    Returns ``(out, out_a, out_v)``.
+    """
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.fc_out = nn.Linear(2 * dim, n_classes)
+
+    def forward(self, f_a, f_v):
+        out = self.fc_out(torch.cat([f_a, f_v], 1).detach())
+        out_a = self.fc_out(torch.cat([f_a, torch.zeros_like(f_v)], 1))
+        out_v = self.fc_out(torch.cat([torch.zeros_like(f_a), f_v], 1))
+        return out, out_a, out_v
+
+
+class DGLClassifier(nn.Module):
+    """Two encoders and a ``ConcatFusionDGL``: ``forward(x_a, x_v) -> (out, out_a, out_v)``."""
+
+    def __init__(self, audio_net: nn.Module, visual_net: nn.Module, dim: int, n_classes: int):
+        super().__init__()
+        self.audio_net = audio_net
+        self.visual_net = visual_net
+        self.fusion_module = ConcatFusionDGL(dim, n_classes)
+
+    def forward(self, x_a, x_v):
+        return self.fusion_module(self.audio_net(x_a), self.visual_net(x_v))
+
+
+def resnet18_av_dgl(n_classes: int = 6) -> DGLClassifier:
+    """The DGL counterpart of ``resnet18_av``."""
+    return DGLClassifier(ResNet18Trunk(1), ResNet18Trunk(3), 512, n_classes)

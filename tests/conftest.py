@@ -13,7 +13,7 @@ import torch
 
 import mmfast
 
-COMPILED = [name for name in ("cpu",) if mmfast.backends()[name].available]
+COMPILED = [name for name in ("cpu", "cuda", "triton") if mmfast.backends()[name].available]
 FAST_BACKENDS = COMPILED + ["foreach"]
 
 

@@ -1,0 +1,214 @@
+"""Triton kernels of mmfast: the Gram pass, the combine pass and the clip rescale.
+
+One launch per pass covers every tensor of every group. A chunk table built on the
+host from the tensors' addresses (cached per layout, moved to the device once)
+gives each program its chunk: int64 element offsets from a base tensor per
+operand, and the chunk's length. Partial sums are written per chunk (fp32 within a
+chunk, one program each) and reduced on the device in fp64 and in a fixed order:
+no atomics, the same bits on every run. The weights and scales are device-side
+torch ops (mmfast._device_math) read by the combine kernel through pointers, so
+nothing here synchronises the host and the whole combine can be captured in a CUDA
+graph.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast._args import CombineArgs
+from mmfast._device_math import MODE_AB, group_sums, mmpareto_coefficients, role_coefficients
+from mmfast._stats import CombineStats
+from mmfast.reference import clip_coefficient, group_stats
+
+CHUNK = 16384  # elements per program: part of the result's definition (fp32 partials)
+BLOCK = 1024
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.float32, torch.float16: tl.float32}
+
+
+@triton.jit
+def _gram_kernel(a_base, b_base, table, partial, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    a_off = tl.load(table + c * 5 + 0)
+    b_off = tl.load(table + c * 5 + 1)
+    n = tl.load(table + c * 5 + 3)
+    s_aa = tl.zeros([BLOCK], ACC)
+    s_ab = tl.zeros([BLOCK], ACC)
+    s_bb = tl.zeros([BLOCK], ACC)
+    fin = tl.zeros([BLOCK], ACC)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < n
+        x = tl.load(a_base + a_off + i, mask=m, other=0.0).to(ACC)  # cast at once (interpreter)
+        y = tl.load(b_base + b_off + i, mask=m, other=0.0).to(ACC)
+        s_aa += x * x
+        s_ab += x * y
+        s_bb += y * y
+        fin += (x - x) + (y - y)  # 0 for finite inputs, NaN otherwise
+    tl.store(partial + c * 5 + 0, tl.sum(s_aa, 0))
+    tl.store(partial + c * 5 + 1, tl.sum(s_ab, 0))
+    tl.store(partial + c * 5 + 2, tl.sum(s_bb, 0))
+    tl.store(partial + c * 5 + 3, tl.sum(fin, 0))
+
+
+@triton.jit
+def _combine_kernel(a_base, b_base, o_base, table, ca_ptr, cb_ptr, mode_ptr, partial,
+                    WITH_GRAM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    a_off = tl.load(table + c * 5 + 0)
+    b_off = tl.load(table + c * 5 + 1)
+    o_off = tl.load(table + c * 5 + 2)
+    n = tl.load(table + c * 5 + 3)
+    t = tl.load(table + c * 5 + 4)
+    ca = tl.load(ca_ptr + t).to(ACC)
+    cb = tl.load(cb_ptr + t).to(ACC)
+    mode = tl.load(mode_ptr + t)
+    use_a = mode != 2
+    use_b = mode != 1
+    s_sq = tl.zeros([BLOCK], ACC)
+    s_aa = tl.zeros([BLOCK], ACC)
+    s_ab = tl.zeros([BLOCK], ACC)
+    s_bb = tl.zeros([BLOCK], ACC)
+    fin = tl.zeros([BLOCK], ACC)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < n
+        # A dropped input is not read (DGL): its NaN cannot reach out.
+        x = tl.load(a_base + a_off + i, mask=m & (use_a | WITH_GRAM), other=0.0).to(ACC)
+        y = tl.load(b_base + b_off + i, mask=m & (use_b | WITH_GRAM), other=0.0).to(ACC)
+        v = tl.where(use_a, ca * x, 0.0) + tl.where(use_b, cb * y, 0.0)
+        tl.store(o_base + o_off + i, v.to(o_base.dtype.element_ty), mask=m)
+        s_sq += v * v
+        if WITH_GRAM:
+            s_aa += x * x
+            s_ab += x * y
+            s_bb += y * y
+        fin += tl.where(use_a | WITH_GRAM, x - x, 0.0) + tl.where(use_b | WITH_GRAM, y - y, 0.0)
+    tl.store(partial + c * 5 + 0, tl.sum(s_aa, 0))
+    tl.store(partial + c * 5 + 1, tl.sum(s_ab, 0))
+    tl.store(partial + c * 5 + 2, tl.sum(s_bb, 0))
+    tl.store(partial + c * 5 + 3, tl.sum(fin, 0))
+    tl.store(partial + c * 5 + 4, tl.sum(s_sq, 0))
+
+
+@triton.jit
+def _scale_kernel(o_base, table, coef_ptr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    o_off = tl.load(table + c * 5 + 2)
+    n = tl.load(table + c * 5 + 3)
+    coef = tl.load(coef_ptr).to(ACC)
+    # No traffic when the clip does not bite (a NaN coefficient bites, as in torch).
+    n = tl.where((coef < 1.0) | (coef != coef), n, 0)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < n
+        v = tl.load(o_base + o_off + i, mask=m, other=0.0).to(ACC)
+        tl.store(o_base + o_off + i, (v * coef).to(o_base.dtype.element_ty), mask=m)
+
+
+class _Layout:
+    """The chunk table of one set of tensors, on their device, and its reductions."""
+
+    def __init__(self, a, b, out, ids):
+        bases = (a[0], b[0], out[0])
+        item = a[0].element_size()
+        rows, bounds = [], [0]
+        for t, x, y, o in zip(ids, a, b, out):
+            offs = [(z.data_ptr() - base.data_ptr()) // item for z, base in zip((x, y, o), bases)]
+            for begin in range(0, x.numel(), CHUNK):
+                n = min(CHUNK, x.numel() - begin)
+                rows.append([offs[0] + begin, offs[1] + begin, offs[2] + begin, n, t])
+            bounds.append(len(rows))
+        device = a[0].device
+        self.bases = bases
+        self.acc = _TL[a[0].dtype]
+        self.ids = torch.tensor(ids, dtype=torch.long).to(device)
+        self.n_chunks = len(rows)
+        self.table = torch.tensor(rows or [[0, 0, 0, 0, 0]], dtype=torch.int64).to(device)
+        self.lengths = torch.tensor([e - s for s, e in zip(bounds, bounds[1:])], dtype=torch.long).to(device)
+
+    def per_tensor(self, partial: torch.Tensor) -> torch.Tensor:
+        """``[T, k]`` fp64 sums of the per-chunk ``partial[C, k]`` (chunks are in tensor order).
+
+        A segmented sum: fixed order, no atomics, and unlike differences of a running
+        sum it keeps a small tensor's digits next to large ones.
+        """
+        return torch.segment_reduce(partial.double(), "sum", lengths=self.lengths, axis=0, unsafe=True)
+
+
+_CACHE: "OrderedDict[tuple, _Layout]" = OrderedDict()
+
+
+def _layouts(a, b, out) -> list:
+    """One layout per dtype (a launch addresses memory through one element type)."""
+    key = tuple((x.data_ptr(), y.data_ptr(), o.data_ptr(), x.numel(), x.dtype) for x, y, o in zip(a, b, out))
+    key += (str(a[0].device),)
+    lays = _CACHE.get(key)
+    if lays is None:
+        by_dtype = {}
+        for t, x in enumerate(a):
+            by_dtype.setdefault(x.dtype, []).append(t)
+        lays = [_Layout([a[t] for t in ids], [b[t] for t in ids], [out[t] for t in ids], ids)
+                for ids in by_dtype.values()]
+        _CACHE[key] = lays
+        if len(_CACHE) > 16:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return lays
+
+
+def _per_tensor(lays, partials, n_tensors) -> torch.Tensor:
+    """``[T, 5]`` fp64 per-tensor sums gathered from every layout's chunk partials."""
+    full = torch.zeros(n_tensors, 5, dtype=torch.float64, device=partials[0].device)
+    for lay, part in zip(lays, partials):
+        full.index_copy_(0, lay.ids, lay.per_tensor(part[: lay.n_chunks]))
+    return full
+
+
+def _partials(lays) -> list:
+    return [torch.zeros(max(lay.n_chunks, 1), 5, device=lay.table.device,
+                        dtype=torch.float64 if lay.acc == tl.float64 else torch.float32) for lay in lays]
+
+
+def combine_triton(args: CombineArgs) -> CombineStats:
+    a, b, out = args.grads_mm, args.grads_uni, args.out
+    lays = _layouts(a, b, out)
+    device = a[0].device
+    n = len(out)
+    partials = _partials(lays)
+    if args.method == "mmpareto":
+        for lay, part in zip(lays, partials):
+            if lay.n_chunks:
+                _gram_kernel[(lay.n_chunks,)](*lay.bases[:2], lay.table, part, ACC=lay.acc, BLOCK=BLOCK)
+        per_tensor = _per_tensor(lays, partials, n)
+        gram = group_sums(per_tensor[:, :3], args.groups, args.num_groups)
+        stats = group_stats(args.method, gram, args.alpha, None, None, None)
+        ca, cb = mmpareto_coefficients(per_tensor[:, :3], stats.w_mm, args)
+        mode = torch.full((n,), MODE_AB, dtype=torch.int32, device=device)
+        fin = per_tensor[:, 3]
+    else:
+        ca_l, cb_l, mode_l = role_coefficients(args)
+        ca = torch.tensor(ca_l, dtype=torch.float64).to(device)
+        cb = torch.tensor(cb_l, dtype=torch.float64).to(device)
+        mode = torch.tensor(mode_l, dtype=torch.int32).to(device)
+    with_gram = args.method != "mmpareto"  # one pass: the Gram rides along for the statistics
+    partials = _partials(lays)
+    for lay, part in zip(lays, partials):
+        if lay.n_chunks:
+            _combine_kernel[(lay.n_chunks,)](*lay.bases, lay.table, ca, cb, mode, part,
+                                             WITH_GRAM=with_gram, ACC=lay.acc, BLOCK=BLOCK)
+    per_tensor_2 = _per_tensor(lays, partials, n)
+    if with_gram:
+        gram = group_sums(per_tensor_2[:, :3], args.groups, args.num_groups)
+        stats = group_stats(args.method, gram, args.alpha, None, None, None)
+        fin = per_tensor_2[:, 3]
+    total_norm = per_tensor_2[:, 4].sum().sqrt()
+    clip_coef = clip_coefficient(total_norm, args.max_norm)
+    if args.max_norm is not None:
+        for lay in lays:
+            if lay.n_chunks:
+                _scale_kernel[(lay.n_chunks,)](lay.bases[2], lay.table, clip_coef, ACC=lay.acc, BLOCK=BLOCK)
+    return stats._replace(total_norm=total_norm, clip_coef=clip_coef, all_finite=(fin == 0).all())

@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed-2
 BUILT := $(VENV)/.mmfast-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup run test bench table step-bench clean
+.PHONY: setup run test bench table step-bench cuda-check clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,8 @@ test: setup
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-only
 
+cuda-check:
+	bash .ci/cuda_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info mmfast/_C*.so
+	rm -rf $(VENV) .venv-cuda build *.egg-info mmfast/_C*.so

@@ -18,7 +18,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wno-psabi", "-fvisibility=hidden"]
-NVCC_FLAGS = ["-O3", "-lineinfo", "--use_fast_math", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
 def rel(pattern):
@@ -58,9 +58,14 @@ def extension():
             extra_link_args=["-fopenmp"],
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    # pip's CUDA torch ships the CUDA library headers (cusparse.h, ...) in nvidia/*/include,
+    # which a bare toolkit (nvcc only) may lack.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    includes = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
     return CUDAExtension(
         "mmfast._C",
         cpu_sources + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
+        include_dirs=includes,
         extra_compile_args={"cxx": CXX_FLAGS + ["-DMMFAST_WITH_CUDA"], "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )

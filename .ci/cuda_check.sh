@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Proves the CUDA extension builds, links and imports on a machine without a GPU,
+# and that asking for it fails with a clear error. Skips (exit 0) without nvcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if ! command -v nvcc >/dev/null && [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda-check: SKIPPED (no nvcc on PATH or in $CUDA_HOME/bin)"
+  exit 0
+fi
+export PATH="$CUDA_HOME/bin:$PATH"
+venv=.venv-cuda
+if [ ! -f "$venv/.ready" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q torch==2.14.1 numpy ninja setuptools wheel
+  touch "$venv/.ready"
+fi
+# Build from a copy, so the CPU build in the working tree is left alone.
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+cp -r csrc mmfast kernels setup.py pyproject.toml README.md "$src"/
+rm -f "$src"/mmfast/_C*.so
+(cd "$src" && MMFAST_CUDA=1 MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
+  "$OLDPWD/$venv/bin/pip" install -q --no-build-isolation --no-deps --force-reinstall .)
+cd "$src/.." && "$OLDPWD/$venv/bin/python" - <<'PY'
+import torch
+import mmfast
+from mmfast._backends import _C
+
+assert torch.version.cuda, "the cuda-check venv must hold a CUDA build of torch"
+assert _C.cuda_built(), "mmfast._C was built without its CUDA kernels"
+for op in ("mmfast::combine_", "mmfast::clip_"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+info = mmfast.backends()["cuda"]
+if torch.cuda.is_available():
+    print("cuda-check: a GPU is visible; the CUDA tests run in the test suite")
+else:
+    assert not info.available and "no CUDA device" in info.reason, info
+    try:
+        mmfast.combine_([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], backend="cuda")
+    except RuntimeError as e:
+        assert "no CUDA device" in str(e), e
+    else:
+        raise AssertionError("backend='cuda' without a GPU did not raise")
+a = [torch.randn(10)]
+mmfast.combine_([torch.empty(10)], a, a)  # the CPU kernels of the same build still work
+print(f"cuda-check: OK (torch {torch.__version__}, CUDA kernels built and registered; {info.reason or 'GPU present'})")
+PY

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._graph import reachable_leaves
 from ._groups import FlatGrads, parse_groups
 
 
@@ -52,6 +53,16 @@ class GroupHelper:
         for p in self.params:
             if id(p) not in self._touched:
                 p.grad = None
+
+    def outside_leaves(self, losses: list, exclude=()) -> list:
+        """Leaves the losses reach that are in no group (nor in ``exclude``), in a fixed order."""
+        skip = set(self.group_of) | {id(p) for p in exclude}
+        found = {}
+        for loss in losses:
+            for pid, t in reachable_leaves(loss).items():
+                if pid not in skip:
+                    found[pid] = t
+        return list(found.values())
 
     def check_disjoint(self, leaves_by_loss: list) -> None:
         """Raises if a unimodal loss reaches another group's parameters."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._clip import clip_grad_norm_
-from ._graph import reachable_leaves
+from ._dist import GradSync
 from ._helper import GroupHelper
 from ._stats import DGLStats
 
@@ -33,14 +33,18 @@ class DGL(GroupHelper):
         alpha: factor on the unimodal losses (the reference scripts use 4 or 5).
         max_norm: clip every gradient to this total norm (the reference uses 40), or None.
         backend: passed to the fused clip (None: the best available).
+        process_group, ddp: average the gradients across ranks before clipping
+            (as ``mmfast.MMPareto``).
 
     Parameters outside the groups and the fusion module get ``dL_mm/dθ + alpha ·
     dΣL_m/dθ``, accumulated like any gradient. They are found on the first
     ``backward`` from the losses' autograd graph.
     """
 
-    def __init__(self, groups: dict, *, fusion, alpha: float = 4.0, max_norm: float | None = 40.0, backend=None):
+    def __init__(self, groups: dict, *, fusion, alpha: float = 4.0, max_norm: float | None = 40.0, backend=None,
+                 process_group=None, ddp=None):
         super().__init__(groups, n_buffers=1, extra={"fusion": fusion}, backend=backend)
+        self.sync = GradSync(process_group, ddp, owner="mmfast.DGL")
         if "fusion" in groups:
             raise ValueError("groups: the name 'fusion' is taken by the fusion argument")
         self.fusion = self.extra["fusion"]
@@ -52,11 +56,7 @@ class DGL(GroupHelper):
         unimodal = self.check_losses(loss_mm, losses)
         self.begin()
         if self._others is None:
-            fusion_ids = {id(p) for p in self.fusion}
-            seen = {}
-            for loss in [loss_mm, *unimodal]:
-                seen.update(reachable_leaves(loss))
-            self._others = [t for pid, t in seen.items() if pid not in self.group_of and pid not in fusion_ids]
+            self._others = self.outside_leaves([loss_mm, *unimodal], exclude=self.fusion)
 
         for f in self.flat:
             f.attach(0, zero=True)
@@ -66,6 +66,11 @@ class DGL(GroupHelper):
             p.grad = None  # as the reference: the fusion module sees only L_mm
         torch.autograd.backward(loss_mm, inputs=self.fusion + self._others)
 
+        if self.sync.active:
+            for f in self.flat:
+                self.sync.mean_(f.buffers, f"group {f.name!r}'s gradient buffer")
+            rest = [p.grad for p in self.fusion + self._others if p.grad is not None]
+            self.sync.mean_(rest, "the fusion and other gradients")
         grads, groups = [], []
         for g, f in enumerate(self.flat):
             grads += f.views[0]

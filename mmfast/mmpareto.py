@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._combine import combine_
+from ._dist import GradSync
 from ._graph import reachable_leaves
 from ._helper import GroupHelper
 from ._stats import CombineStats
@@ -33,13 +34,20 @@ class MMPareto(GroupHelper):
             their sum. Needed only when a unimodal loss reaches another group's
             parameters, which the first ``backward`` checks and reports.
         backend: passed to ``combine_`` (None: the best available).
+        process_group: average the gradients over this ``torch.distributed`` group
+            (each per-objective buffer before the Gram pass, the rest as DDP would).
+        ddp: the ``DistributedDataParallel`` model, if any: its reducer is switched
+            off (``require_backward_grad_sync = False``) and mmfast communicates.
     """
 
-    def __init__(self, groups: dict, *, gamma: float = 1.5, per_loss_backward: bool = False, backend=None):
+    def __init__(self, groups: dict, *, gamma: float = 1.5, per_loss_backward: bool = False, backend=None,
+                 process_group=None, ddp=None):
         super().__init__(groups, n_buffers=2, backend=backend)
         self.gamma = gamma
         self.per_loss_backward = per_loss_backward
+        self.sync = GradSync(process_group, ddp, owner="mmfast.MMPareto")
         self._others = None  # per unimodal loss, the leaves outside every group it reaches
+        self._rest = None  # every leaf outside the groups that a loss reaches
 
     def backward(self, loss_mm: torch.Tensor, losses: dict) -> CombineStats:
         """Both backward passes and the combine; every ``.grad`` is then ready for the optimizer."""
@@ -50,6 +58,7 @@ class MMPareto(GroupHelper):
             if not self.per_loss_backward:
                 self.check_disjoint(leaves)
             self._others = [[t for pid, t in lv.items() if pid not in self.group_of] for lv in leaves]
+            self._rest = self.outside_leaves([loss_mm, *unimodal])
 
         for f in self.flat:
             f.attach(0, zero=True)
@@ -63,6 +72,10 @@ class MMPareto(GroupHelper):
         else:
             torch.stack([loss.reshape(()) for loss in unimodal]).sum().backward()
 
+        if self.sync.active:
+            for f in self.flat:
+                self.sync.mean_(f.buffers, f"group {f.name!r}'s gradient buffers")
+            self.sync.mean_([t.grad for t in self._rest if t.grad is not None], "the gradients outside the groups")
         a = [v for f in self.flat for v in f.views[0]]
         b = [v for f in self.flat for v in f.views[1]]
         stats = combine_(a, a, b, groups=self.group_ids, gamma=self.gamma, backend=self.backend)

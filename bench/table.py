@@ -3,7 +3,8 @@
     .venv/bin/python bench/table.py [--quick] [--threads N]
 
 Each row is checked against the reference before it is timed; times are medians
-in this process, ratios are what to quote (the machine is shared and noisy).
+in this process (after a warm-up; --cold reads 128 MB before each repetition), and
+ratios are what to quote (the machine is shared and noisy).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def check(out, ref, dtype):
         raise SystemExit(f"wrong result: max error {err:.3e} > {tol:.0e} x {scale:.3e}")
 
 
-def run_workload(name, dtype, paths, reps, ref_reps, floor_bw, rows):
+def run_workload(name, dtype, paths, reps, ref_reps, floor_bw, rows, cold=False):
     shapes, groups = WORKLOADS[name]()
     out, a, b = make_inputs(shapes, dtype, seed=len(rows))
     n = sum(x.numel() for x in a)
@@ -42,7 +43,7 @@ def run_workload(name, dtype, paths, reps, ref_reps, floor_bw, rows):
         fn()
         if path != "torch":
             check(out, ref_out, dtype)
-        times[path] = median_time(fn, ref_reps if path == "torch" else reps)
+        times[path] = median_time(fn, ref_reps if path == "torch" else reps, cold=cold)
     for path, t in times.items():
         rows.append(
             dict(workload=name, dtype=str(dtype).replace("torch.", ""), path=path, n=n, ms=t * 1e3,
@@ -55,6 +56,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="resnet18-av fp32 only, fewer repetitions")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--cold", action="store_true", help="read 128 MB before each repetition (cold caches)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +68,8 @@ def main():
     if not info["cpu"].available:
         print(f"# cpu backend unavailable: {info['cpu'].reason}")
     bw = copy_bandwidth()
-    print(f"# copy bandwidth (read+write) measured now: {bw / 1e9:.1f} GB/s; floor = 5 N itemsize / bandwidth")
+    print(f"# copy bandwidth (read+write) measured now: {bw / 1e9:.1f} GB/s; floor = 5 N itemsize / bandwidth; "
+          f"caches {'cold' if args.cold else 'warm'}")
     rows, summary = [], {}
     reps = 7 if args.quick else 15
     plan = [("resnet18-av", torch.float32)]
@@ -74,7 +77,7 @@ def main():
         plan += [("resnet18-av", torch.bfloat16), ("sweep-1M", torch.float32), ("sweep-11M", torch.float32),
                  ("sweep-45M", torch.float32)]
     for name, dtype in plan:
-        times, floor = run_workload(name, dtype, paths, reps, 3, bw, rows)
+        times, floor = run_workload(name, dtype, paths, reps, 3, bw, rows, cold=args.cold)
         summary[(name, dtype)] = times
         print(f"# done {name} {dtype}", file=sys.stderr)
 

@@ -51,11 +51,26 @@ def make_inputs(shapes, dtype, seed):
     return out, a, b
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
+_FLUSH = None
+
+
+def flush_caches() -> None:
+    """Reads 128 MB so no workload starts with its inputs in the caches (L3 here: 32 MB):
+    every size is timed streaming from memory, so the sweep compares like with like.
+    Reading, not writing: dirty lines would cost the next timed call their write-back."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.ones(1 << 25)
+    _FLUSH.sum()
+
+
+def median_time(fn, reps: int, warmup: int = 1, cold: bool = False) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if cold:
+            flush_caches()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

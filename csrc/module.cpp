@@ -14,6 +14,11 @@ TORCH_LIBRARY(mmfast, m) {
   // Total L2 norm of grads (and per group), clipped in place to max_norm like
   // clip_grad_norm_. Returns (group_sq[G], total_norm, clip_coef, all_finite).
   m.def("clip_(Tensor(a!)[] grads, int[] groups, float? max_norm) -> (Tensor, Tensor, Tensor, Tensor)");
+  // K objectives; grads tensor-major (grads[t * K + k]). gram_k returns (per-tensor
+  // Gram [T, K, K] float64, all_finite); combine_k_ writes out[t] = sum_k coefs[t, k]
+  // grads[t * K + k] and returns the per-tensor squared norms of out [T].
+  m.def("gram_k(Tensor[] grads, int K) -> (Tensor, Tensor)");
+  m.def("combine_k_(Tensor(a!)[] out, Tensor[] grads, int K, Tensor coefs) -> Tensor");
 }
 
 namespace mmfast {

@@ -6,22 +6,25 @@ returns) and ``backends()`` (what this process can run).
 from ._backends import BackendInfo, backends
 from ._clip import ClipStats, clip_grad_norm_
 from ._combine import combine_
+from ._multi import AggregateStats, aggregate_
 from ._stats import CombineStats, DGLStats
 from .dgl import DGL
 from .mmpareto import MMPareto
+from .multi_objective import MultiObjective
 
 __version__ = "0.1.0"
-__all__ = ["MMPareto", "DGL", "combine_", "CombineStats", "DGLStats", "clip_grad_norm_", "ClipStats", "BackendInfo", "backends", "__version__"]
+__all__ = ["MMPareto", "DGL", "MultiObjective", "combine_", "aggregate_", "AggregateStats", "CombineStats", "DGLStats", "clip_grad_norm_", "ClipStats", "BackendInfo", "backends", "__version__"]
 
 
 def _register() -> None:
     from ._backends import _C
 
     if _C is not None:
-        from ._ops import _register_clip_fake, _register_fake
+        from ._ops import _register_clip_fake, _register_fake, _register_multi_fake
 
         _register_fake()
         _register_clip_fake()
+        _register_multi_fake()
 
 
 _register()

@@ -45,3 +45,14 @@ def _register_clip_fake() -> None:
         like = dict(dtype=torch.float64, device=grads[0].device)
         return (grads[0].new_empty((g,), **like), grads[0].new_empty((), **like), grads[0].new_empty((), **like),
                 grads[0].new_empty((), dtype=torch.bool))
+
+
+def _register_multi_fake() -> None:
+    @torch.library.register_fake("mmfast::gram_k")
+    def _(grads, K):
+        T = len(grads) // K
+        return grads[0].new_empty((T, K, K), dtype=torch.float64), grads[0].new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake("mmfast::combine_k_")
+    def _(out, grads, K, coefs):
+        return out[0].new_empty((len(out),), dtype=torch.float64)

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <memory>
 #include <vector>
 
 #include "kernels.h"

@@ -1,0 +1,89 @@
+// K objectives on CPU tensors: mmfast::gram_k (per-tensor K x K Gram in one read of
+// the K gradients) and mmfast::combine_k_ (out = sum_k c_tk g_tk in one more read).
+// The weighting between them is device-side torch code (mmfast/weightings.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace mmfast::cpu {
+namespace {
+
+struct Plan {
+  std::vector<MultiRef> refs;
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+};
+
+// grads is tensor-major: grads[t * K + k] is objective k's gradient of tensor t.
+Plan plan(const char* op, at::TensorList grads, int64_t K, at::TensorList out) {
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxObjectives, op, ": K: expected 1..", kMaxObjectives, " objectives, got ", K);
+  TORCH_CHECK_VALUE(!grads.empty() && grads.size() % K == 0, op, ": grads: expected a positive multiple of K = ", K,
+                    " tensors, got ", grads.size());
+  const size_t T = grads.size() / K;
+  TORCH_CHECK_VALUE(out.empty() || out.size() == T, op, ": out: expected ", T, " tensors, got ", out.size());
+  Plan p;
+  p.refs.resize(T);
+  for (size_t t = 0; t < T; ++t) {
+    const at::Tensor& like = out.empty() ? grads[t * K] : out[t];
+    if (!out.empty()) check_tensor(out[t], like, op, "out", t);
+    MultiRef& r = p.refs[t];
+    for (int64_t k = 0; k < K; ++k) {
+      check_tensor(grads[t * K + k], like, op, "grads", t * K + k);
+      r.in[k] = grads[t * K + k].const_data_ptr();
+    }
+    r.out = out.empty() ? nullptr : out[t].data_ptr();
+    r.dtype = dtype_code(like.scalar_type(), op, "grads", t * K);
+    add_chunks(p.chunks, static_cast<int64_t>(t), like.numel());
+    p.total += like.numel() * K;
+  }
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gram_k_cpu(at::TensorList grads, int64_t K) {
+  Plan p = plan("mmfast::gram_k", grads, K, {});
+  const int64_t C = static_cast<int64_t>(p.chunks.size()), T = static_cast<int64_t>(p.refs.size());
+  std::vector<double> partial(std::max<int64_t>(C, 1) * K * K, 0.0);
+  std::unique_ptr<bool[]> finite(new bool[std::max<int64_t>(C, 1)]);
+  for_chunks(C, p.total, [&](int64_t b, int64_t e) {
+    gram_k_chunks(p.refs.data(), static_cast<int>(K), p.chunks.data(), b, e, partial.data(), finite.get());
+  });
+  at::Tensor per_tensor = at::zeros({T, K, K}, at::kDouble);
+  double* G = per_tensor.data_ptr<double>();
+  bool all_finite = true;
+  for (int64_t c = 0; c < C; ++c) {  // chunk order: deterministic
+    double* g = G + p.chunks[c].tensor * K * K;
+    for (int64_t j = 0; j < K * K; ++j) g[j] += partial[c * K * K + j];
+    all_finite &= finite[c];
+  }
+  return {per_tensor, at::scalar_tensor(all_finite, at::kBool)};
+}
+
+at::Tensor combine_k_cpu(at::TensorList out, at::TensorList grads, int64_t K, const at::Tensor& coefs) {
+  Plan p = plan("mmfast::combine_k_", grads, K, out);
+  const int64_t C = static_cast<int64_t>(p.chunks.size()), T = static_cast<int64_t>(p.refs.size());
+  TORCH_CHECK_VALUE(coefs.device().is_cpu() && coefs.scalar_type() == at::kDouble && coefs.dim() == 2 &&
+                        coefs.size(0) == T && coefs.size(1) == K,
+                    "mmfast::combine_k_: coefs: expected a float64 CPU tensor of shape [", T, ", ", K, "], got ",
+                    coefs.scalar_type(), " ", coefs.sizes());
+  at::Tensor c = coefs.contiguous();
+  std::vector<double> sq(std::max<int64_t>(C, 1), 0.0);
+  for_chunks(C, p.total, [&](int64_t b, int64_t e) {
+    combine_k_chunks(p.refs.data(), static_cast<int>(K), c.const_data_ptr<double>(), p.chunks.data(), b, e, sq.data());
+  });
+  at::Tensor per_tensor = at::zeros({T}, at::kDouble);
+  double* s = per_tensor.data_ptr<double>();
+  for (int64_t ch = 0; ch < C; ++ch) s[p.chunks[ch].tensor] += sq[ch];
+  return per_tensor;
+}
+
+}  // namespace mmfast::cpu
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
+  m.impl("gram_k", &mmfast::cpu::gram_k_cpu);
+  m.impl("combine_k_", &mmfast::cpu::combine_k_cpu);
+}

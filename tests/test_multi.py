@@ -1,0 +1,127 @@
+"""K objectives: the fused Gram and combine against plain fp64 PyTorch, and the helper."""
+import pytest
+import torch
+from torch import nn
+
+import mmfast
+from helpers import poisoned_like
+
+weightings = pytest.importorskip("mmfast.weightings")
+CPU = mmfast.backends()["cpu"].available
+LAYOUTS = {
+    "odd": ([(3,), (17,), (1025,), (5, 7, 3)], [0, 0, 1, -1]),
+    "with_empty": ([(0,), (33,), (40000,)], [0, 0, 0]),
+}
+
+
+def make(shapes, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    # Correlated objectives with some conflict: g_k = base * c_k + noise.
+    return [[(b * (1.0 - 0.6 * k) + 0.5 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype)
+             for b, s in zip(base, shapes)] for k in range(K)]
+
+
+def expected(grads, groups, weighting, **kw):
+    """fp64, from the definition: per-group Gram of the concatenated gradients, the weighting, sum."""
+    K, T = len(grads), len(grads[0])
+    G_count = max(groups) + 1
+    out = []
+    W = []
+    for g in range(G_count):
+        idx = [t for t in range(T) if groups[t] == g]
+        J = torch.stack([torch.cat([grads[k][t].double().reshape(-1) for t in idx]) for k in range(K)])
+        W.append(weightings.weights(weighting, (J @ J.T)[None], **kw)[0])
+    for t in range(T):
+        w = W[groups[t]] if groups[t] >= 0 else torch.ones(K, dtype=torch.float64)
+        out.append(sum(w[k] * grads[k][t].double() for k in range(K)))
+    return out
+
+
+@pytest.mark.skipif(not CPU, reason="cpu backend not built")
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_gram_k_matches_fp64(K, dtype):
+    shapes, _ = LAYOUTS["odd"]
+    grads = make(shapes, K, dtype)
+    flat = [grads[k][t] for t in range(len(shapes)) for k in range(K)]
+    G, finite = torch.ops.mmfast.gram_k(flat, K)
+    for t in range(len(shapes)):
+        J = torch.stack([grads[k][t].double().reshape(-1) for k in range(K)])
+        torch.testing.assert_close(G[t], J @ J.T, rtol=1e-5, atol=1e-9)
+    assert finite.item()
+
+
+@pytest.mark.parametrize("backend", (["cpu"] if CPU else []) + ["foreach"])
+@pytest.mark.parametrize("weighting", ["upgrad", "mgda", "imtlg", "pcgrad", "cagrad"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_aggregate_matches_definition(backend, weighting, layout, dtype):
+    shapes, groups = LAYOUTS[layout]
+    grads = make(shapes, 4, dtype, seed=1)
+    ref = expected(grads, groups, weighting)
+    out = poisoned_like(grads[0])
+    stats = mmfast.aggregate_(out, grads, weighting=weighting, groups=groups, backend=backend)
+    # The weightings are iterative: the fused path's fp32-block Gram moves them by ~1e-7.
+    scale = max(r.abs().max().item() for r in ref if r.numel())
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for o, r in zip(out, ref):
+        if o.numel():
+            assert (o.double() - r).abs().max().item() <= tol * scale
+    assert stats.weights.shape == (max(groups) + 1, 4)
+
+
+@pytest.mark.skipif(not CPU, reason="cpu backend not built")
+def test_k2_mmpareto_weighting_matches_combine():
+    shapes, groups = LAYOUTS["odd"]
+    a, b = make(shapes, 2, torch.float64, seed=2)
+    expect = poisoned_like(a)
+    mmfast.combine_(expect, a, b, groups=groups, backend="torch")
+    out = poisoned_like(a)
+    mmfast.aggregate_(out, [a, b], weighting="mmpareto", groups=groups)
+    for o, e in zip(out, expect):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not CPU, reason="cpu backend not built")
+def test_thread_count_does_not_change_bits():
+    shapes = [(200_003,), (70_000,)]
+    grads = make(shapes, 4, torch.float32, seed=3)
+    old = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = poisoned_like(grads[0])
+            st = mmfast.aggregate_(out, grads, weighting="upgrad")
+            res.append((out, st.gram))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(x, y) for x, y in zip(res[0][0], res[1][0]))
+    assert torch.equal(res[0][1], res[1][1])
+
+
+def test_multi_objective_helper():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 8))
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(4)])
+    x, ys = torch.randn(32, 10), torch.randn(4, 32, 1)
+
+    def losses():
+        f = trunk(x)
+        return [nn.functional.mse_loss(h(f), y) for h, y in zip(heads, ys)]
+
+    ls = losses()
+    per = [torch.autograd.grad(loss, list(trunk.parameters()), retain_graph=True) for loss in ls]
+    want = expected([list(p) for p in per], [0] * 4, "upgrad")
+    head_want = [torch.autograd.grad(ls[i], list(heads[i].parameters()), retain_graph=True) for i in range(4)]
+    mo = mmfast.MultiObjective({"trunk": trunk}, 4, weighting="upgrad")
+    stats = mo.backward(losses())
+    for p, w in zip(trunk.parameters(), want):
+        torch.testing.assert_close(p.grad.double(), w, rtol=1e-4, atol=1e-6)
+    for i in range(4):  # heads: the plain gradient of their own loss
+        for p, w in zip(heads[i].parameters(), head_want[i]):
+            torch.testing.assert_close(p.grad, w)
+    assert stats.as_dict()["weights"].keys() == {"trunk"}
+    with pytest.raises(ValueError, match="losses: expected a list of 4"):
+        mo.backward(losses()[:3])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -22,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import mmfast  # noqa: E402
 from mmfast.weightings import weights as weigh  # noqa: E402
-from workloads import WORKLOADS, median_time  # noqa: E402
+from workloads import WORKLOADS, median_time, peak_rss_mb  # noqa: E402
 
 
 def inputs(K: int, seed: int = 0):
@@ -49,23 +48,21 @@ def run(path, out, grads, weighting):
 
 
 def peak_mb(path: str, K: int, weighting: str) -> float:
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import multi as m\n"
-            f"out, grads = m.inputs({K})\n"
-            f"for _ in range(2): m.run({path!r}, out, grads, {weighting!r})\n"
-            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(res.stdout.split()[-1]) / 1024
+    return peak_rss_mb(f"import multi as m\nout, grads = m.inputs({K})\n"
+                       f"for _ in range(2): m.run({path!r}, out, grads, {weighting!r})")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weighting", default="upgrad")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="numbers of objectives")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, weighting {args.weighting}")
     print("| K | concat-Gram-solve ms | mmfast ms | speed-up | peak MB concat | peak MB mmfast | K·N·4 MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for K in (2, 4, 8):
+    for K in args.ks:
         out, grads = inputs(K)
         ref = [torch.empty_like(o) for o in out]
         run("concat", ref, grads, args.weighting)
@@ -75,7 +72,8 @@ def main():
         assert err <= 1e-4 * scale, f"K={K}: results differ by {err:.2e}"
         t = {path: median_time(lambda: run(path, out if path == "mmfast" else ref, grads, args.weighting), args.reps)
              for path in ("concat", "mmfast")}
-        mem = {path: peak_mb(path, K, args.weighting) for path in ("concat", "mmfast")}
+        mem = {path: float("nan") if args.no_memory else peak_mb(path, K, args.weighting)
+               for path in ("concat", "mmfast")}
         kn = K * sum(o.numel() for o in out) * 4 / 2**20
         print(f"| {K} | {t['concat'] * 1e3:.1f} | {t['mmfast'] * 1e3:.1f} | {t['concat'] / t['mmfast']:.2f}x | "
               f"{mem['concat']:.0f} | {mem['mmfast']:.0f} | {kn:.0f} |")

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import mmfast  # noqa: E402
 from mmfast.models import resnet18_av, resnet18_av_dgl  # noqa: E402
 from published import published_dgl_step, published_mmpareto_step  # noqa: E402
-from workloads import median_time  # noqa: E402
+from workloads import median_time, peak_rss_mb  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 BATCH, CLASSES = 8, 6
@@ -83,15 +82,9 @@ def check_equal(method: str) -> float:
     return err
 
 
-def peak_rss_mb(method: str, variant: str, steps: int = 3) -> float:
+def step_peak_mb(method: str, variant: str, steps: int = 3) -> float:
     """Peak resident memory of a fresh process running `steps` steps of one variant."""
-    # VmHWM, not ru_maxrss: a forked child inherits its parent's ru_maxrss.
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import step as s\n"
-            f"fn, _ = s.setup({method!r}, {variant!r})\n"
-            f"for _ in range({steps}): fn()\n"
-            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(res.stdout.split()[-1]) / 1024
+    return peak_rss_mb(f"import step as s\nfn, _ = s.setup({method!r}, {variant!r})\nfor _ in range({steps}): fn()")
 
 
 def main():
@@ -111,7 +104,7 @@ def main():
                 helper = fn.helper
                 grad_bytes = sum(b.numel() * b.element_size() for f in helper.flat for b in f.buffers)
                 enc_bytes = sum(p.numel() * p.element_size() for p in helper.params)
-        mem = {v: peak_rss_mb(method, v) for v in ("published", "mmfast")}
+        mem = {v: step_peak_mb(method, v) for v in ("published", "mmfast")}
         rows.append((method, times, mem, err, grad_bytes / enc_bytes))
     print()
     print("| step | published ms | mmfast ms | speed-up | peak RSS published MB | peak RSS mmfast MB | "

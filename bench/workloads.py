@@ -1,6 +1,9 @@
 """The workloads of BENCHMARKS.md, built from the project's own model code."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -84,3 +87,13 @@ def copy_bandwidth(n_bytes: int = 1 << 28, reps: int = 15) -> float:
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), reps, warmup=2)
     return 2 * n_bytes / t
+
+
+def peak_rss_mb(body: str) -> float:
+    """Peak resident memory (MB) of a fresh Python process running ``body`` with bench/ on
+    its path. VmHWM, not ru_maxrss: a forked child inherits its parent's ru_maxrss."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r})\n{body}\n"
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(res.stdout.split()[-1]) / 1024

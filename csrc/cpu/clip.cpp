@@ -54,13 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(at::TensorLi
     if (groups[t] >= 0) G[groups[t]] += t_sq[t];
   }
   const double total_norm = std::sqrt(total_sq);
-  double clip = 1.0;
-  if (max_norm) {
-    clip = std::min(1.0, *max_norm / (total_norm + 1e-6));
-    if (!(clip >= 1.0)) {
-      for_chunks(n_chunks, total, [&](int64_t b, int64_t e) { scale_chunks(refs.data(), chunks.data(), b, e, clip); });
-    }
-  }
+  const double clip = clip_in_place(refs, chunks, total, max_norm, total_norm);
   return {group_sq, at::scalar_tensor(total_norm, f64), at::scalar_tensor(clip, f64),
           at::scalar_tensor(all_finite, at::TensorOptions().dtype(at::kBool))};
 }

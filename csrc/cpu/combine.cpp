@@ -167,14 +167,7 @@ Stats combine_cpu(at::TensorList out, at::TensorList grads_mm, at::TensorList gr
   double total_sq = 0;
   for (size_t t = 0; t < n; ++t) total_sq += t_sq[t];
   const double total_norm = std::sqrt(total_sq);
-  double clip = 1.0;
-  if (max_norm) {
-    clip = std::min(1.0, *max_norm / (total_norm + 1e-6));
-    // Only when clipping bites; a NaN norm propagates as clip_grad_norm_ does.
-    if (!(clip >= 1.0)) {
-      for_chunks(n_chunks, total, [&](int64_t b, int64_t e) { scale_chunks(refs.data(), chunks.data(), b, e, clip); });
-    }
-  }
+  const double clip = clip_in_place(refs, chunks, total, max_norm, total_norm);
 
   at::Tensor cos = at::empty({num_groups}, f64);
   at::Tensor conflict = at::empty({num_groups}, at::TensorOptions().dtype(at::kBool));

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "kernels.h"
@@ -56,6 +57,19 @@ inline void add_chunks(std::vector<Chunk>& chunks, int64_t i, int64_t numel) {
   for (int64_t begin = 0; begin < numel; begin += kChunk) {
     chunks.push_back({i, begin, std::min(kChunk, numel - begin)});
   }
+}
+
+// clip_grad_norm_'s coefficient, min(1, max_norm / (total_norm + 1e-6)), applied to
+// every output in a rescale pass only when it bites (a NaN norm bites, as in torch).
+inline double clip_in_place(const std::vector<TensorRef>& refs, const std::vector<Chunk>& chunks, int64_t total,
+                            std::optional<double> max_norm, double total_norm) {
+  if (!max_norm) return 1.0;
+  const double clip = std::min(1.0, *max_norm / (total_norm + 1e-6));
+  if (!(clip >= 1.0)) {
+    for_chunks(static_cast<int64_t>(chunks.size()), total,
+               [&](int64_t b, int64_t e) { scale_chunks(refs.data(), chunks.data(), b, e, clip); });
+  }
+  return clip;
 }
 
 }  // namespace mmfast::cpu

@@ -260,8 +260,12 @@ MMFAST_INLINE void gram_k_range(const MultiRef& t, int k_rt, int64_t begin, int6
     for (int p = 0; p < k; ++p)
       for (int q = 0; q <= p; ++q) d[p * KM + q] += hsum(acc[idx++]);
   }
+  // Lower triangle, then the mirror: as one chained assignment GCC 12 mis-vectorised
+  // the K = 4 case (the test of every K caught it).
   for (int p = 0; p < k; ++p)
-    for (int q = 0; q <= p; ++q) out[p * k + q] = out[q * k + p] = d[p * KM + q];
+    for (int q = 0; q <= p; ++q) out[p * k + q] = d[p * KM + q];
+  for (int p = 0; p < k; ++p)
+    for (int q = 0; q < p; ++q) out[q * k + p] = out[p * k + q];
   finite = all_zero<S>(z);
 }
 

@@ -399,7 +399,7 @@ def mmpareto(G: torch.Tensor, main: int = 0, iters: int = ITERS) -> torch.Tensor
     first = torch.where(vert, prio, K).argmin(-1, keepdim=True)
     k_onehot = idx == first
     has_vert = vert.any(-1, keepdim=True)
-    alpha_vert = torch.where(k_onehot, 1 - MMPARETO_FLOOR * (size - 1), torch.where(S, MMPARETO_FLOOR, 0.0))
+    alpha_vert = torch.where(k_onehot, 1 - MMPARETO_FLOOR * (size - 1), MMPARETO_FLOOR * S.to(Gn.dtype))
     alpha = torch.where(has_vert, alpha_vert, _min_norm(Gn, iters, mask=S))
     many = torch.where(S, size / K * alpha, 1.0 / K)
     return torch.where(n_conf >= 2, many, torch.where(n_conf == 1, one, flat))

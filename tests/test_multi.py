@@ -125,3 +125,21 @@ def test_multi_objective_helper():
     assert stats.as_dict()["weights"].keys() == {"trunk"}
     with pytest.raises(ValueError, match="losses: expected a list of 4"):
         mo.backward(losses()[:3])
+
+
+def test_aggregate_bad_input():
+    a = [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"grads\[1\]: expected 2 tensors"):
+        mmfast.aggregate_(a, [a, a[:1]])
+    with pytest.raises(ValueError, match=r"grads\[1\]\[1\]: expected \(4,\)"):
+        mmfast.aggregate_(a, [a, [torch.zeros(3), torch.zeros(5)]])
+    with pytest.raises(TypeError, match="grads: expected a list of K gradient lists"):
+        mmfast.aggregate_(a, [])
+    with pytest.raises(ValueError, match="groups: expected 2 entries"):
+        mmfast.aggregate_(a, [a, a], groups=[0])
+    with pytest.raises(ValueError, match="unknown|Unknown|expected one of"):
+        mmfast.aggregate_(a, [a, a], weighting="nope")
+    if CPU:
+        too_many = [[torch.zeros(3)] for _ in range(17)]
+        with pytest.raises(ValueError, match="K: expected 1..16"):
+            mmfast.aggregate_([torch.zeros(3)], too_many)

@@ -13,6 +13,17 @@ import torch
 from mmfast import weightings as W
 
 KS = (2, 3, 5, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems are K x K: with 2 intra-op threads every batched LAPACK call
+    (torch.linalg.solve_ex) wakes the thread pool, which costs milliseconds on a busy
+    2-core machine and would dominate this file's run time. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 KINDS = ("random", "rankdef", "nearpar", "opposite", "zero", "dup")
 ALL = tuple(W.WEIGHTINGS)
 

@@ -199,13 +199,14 @@ def semantics_w_mm(AA, AB, BB):
 
 # ---------------------------------------------------------------- against the references
 
+@pytest.mark.parametrize("scale", (1e-8, 1.0, 1e8))
 @pytest.mark.parametrize("kind,K", CASES, ids=CASE_IDS)
-def test_mgda_is_the_min_norm_point(kind, K):
-    J = make_J(kind, K)
+def test_mgda_is_the_min_norm_point(kind, K, scale):
+    J = make_J(kind, K, scale=scale)
     w = W.mgda(gram(J))
     d = J.T @ w
     d_ref, _ = ref_min_norm(J.numpy())
-    tol = 1e-6 if kind in ("opposite", "zero") else 1e-9  # value 0: the IPM stops at sqrt(mu)
+    tol = 1e-9
     assert rel(d, d_ref, J) < tol
     assert abs(float(d @ d) - float(d_ref @ d_ref)) <= tol * float(J.norm()) ** 2
     # in the convex hull, and non-conflicting: <d, g_k> >= |d|^2 >= 0 for every k
@@ -217,9 +218,9 @@ def test_mgda_is_the_min_norm_point(kind, K):
 def test_upgrad_against_exact_projection(kind, K):
     J = make_J(kind, K)
     tr = float(J.norm()) ** 2
-    for reg in (1e-4, 1e-12):  # torchjd's default; and (nearly) the exact projection
+    for reg, tol in ((1e-4, 1e-9), (1e-12, 1e-7)):  # torchjd's default; (nearly) the exact projection
         w = W.upgrad(gram(J), reg_eps=reg)
-        assert rel(J.T @ w, ref_upgrad(J.numpy(), reg), J) < 1e-7
+        assert rel(J.T @ w, ref_upgrad(J.numpy(), reg), J) < tol
         # non-conflicting, up to what the regularisation allows: (Gw)_k >= -reg tr(G) w_k
         assert float((J @ (J.T @ w) + reg * tr * w.abs()).min()) >= -1e-8 * tr
 
@@ -227,7 +228,7 @@ def test_upgrad_against_exact_projection(kind, K):
 @pytest.mark.parametrize("kind,K", [c for c in CASES if c[1] <= 5], ids=[i for c, i in zip(CASES, CASE_IDS) if c[1] <= 5])
 def test_cagrad_against_qp_family_reference(kind, K):
     J = make_J(kind, K)
-    assert rel(direction("cagrad", J), ref_cagrad(J.numpy(), 0.5), J) < 1e-7
+    assert rel(direction("cagrad", J), ref_cagrad(J.numpy(), 0.5), J) < 1e-8
     # c = 0 is the mean (or 0 at a Pareto-stationary point); rescale divides by 1 + c^2 or 1 + c
     d0 = direction("cagrad", J, c=0.0)
     assert rel(d0, J.mean(0), J) < 1e-9 or float(d0.abs().max()) == 0
@@ -236,9 +237,10 @@ def test_cagrad_against_qp_family_reference(kind, K):
     assert torch.allclose(W.cagrad(G, c=0.4, rescale=2), W.cagrad(G, c=0.4) / 1.4, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("scale", (1e-8, 1.0, 1e8))
 @pytest.mark.parametrize("kind,K", CASES, ids=CASE_IDS)
-def test_pcgrad_against_literal_loop(kind, K):
-    J = make_J(kind, K)
+def test_pcgrad_against_literal_loop(kind, K, scale):
+    J = make_J(kind, K, scale=scale)
     for seed in (0, 3):
         orders = W._pcgrad_orders(K, seed)
         assert rel(direction("pcgrad", J, seed=seed), ref_pcgrad(J.numpy(), orders), J) < 1e-10
@@ -256,9 +258,10 @@ def test_pcgrad_orders():
         W.pcgrad(torch.eye(3, dtype=torch.float64), orders=[[0, 1], [1, 0], [2, 1, 0]])
 
 
+@pytest.mark.parametrize("scale", (1e-8, 1.0, 1e8))
 @pytest.mark.parametrize("kind,K", CASES, ids=CASE_IDS)
-def test_imtlg_against_pinv(kind, K):
-    J = make_J(kind, K)
+def test_imtlg_against_pinv(kind, K, scale):
+    J = make_J(kind, K, scale=scale)
     d = direction("imtlg", J)
     assert rel(d, ref_imtlg(J.numpy()), J) < 1e-8
     if kind == "random":  # linearly independent: equal projections on the unit gradients
@@ -295,7 +298,6 @@ def test_mmpareto_generalisation(kind, K):
         w = W.mmpareto(G, main=main)
         assert abs(float(w.sum()) - 1) < 1e-12
         n = K * (J.T @ w)
-        ab = (G[main] / G.diagonal().sum()).tolist()
         conflict = [j for j in range(K) if j != main and G[main, j] <= 0]
         others = [j for j in range(K) if j != main and j not in conflict]
         assert torch.allclose(w[others], torch.full((len(others),), 1.0 / K, dtype=torch.float64))
@@ -312,9 +314,9 @@ def test_mmpareto_generalisation(kind, K):
             n_ref = len(S) * torch.as_tensor(n_S) + J[others].sum(0)
             zero_vertex = any(float(G[k, k]) <= 1e-300 for k in S)
             if not zero_vertex:
-                assert rel(n, n_ref, J) < 1e-6
+                assert rel(n, n_ref, J) < 1e-9
         # never conflicts with the main gradient (beyond the solver's tolerance)
-        assert float(J[main] @ n) >= -1e-6 * float(J.norm()) ** 2, ab
+        assert float(J[main] @ n) >= -1e-9 * float(J.norm()) ** 2
 
 
 def test_mmpareto_vertex_rule():
@@ -340,7 +342,7 @@ def test_permutation_invariance(name, kind, K):
     w = W.weights(name, gram(J), **kw)
     wp = W.weights(name, gram(J[perm]), **kwp)
     # the direction is the same (weights can be non-unique when G is rank-deficient) ...
-    assert rel(J[perm].T @ wp, J.T @ w, J) < 1e-7
+    assert rel(J[perm].T @ wp, J.T @ w, J) < 1e-8
     if kind == "random":  # ... and so are the weights where they are unique
         assert torch.allclose(wp, w[perm], rtol=1e-7, atol=1e-9)
 
@@ -353,7 +355,7 @@ def test_scale_linearity(name, kind):
     d1 = direction(name, J)
     for c in (1e-8, 1e8):
         dc = direction(name, J * c)
-        assert rel(dc / c, d1, J) < 1e-7, c
+        assert rel(dc / c, d1, J) < 1e-8, c
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -418,10 +420,27 @@ def test_no_sync_calls_in_source():
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("K", (2, 5))
+def test_no_host_read_on_meta_device(name, K):
+    """A meta tensor has no data: .item(), bool(), float(), .tolist(), nonzero() and
+    data-dependent shapes all raise on it. Every weighting runs there, batched, so none
+    reads a device value on the host (on a GPU: none synchronises). The CPU stand-in for
+    torch.cuda.set_sync_debug_mode, which needs a GPU."""
+    G = torch.empty(3, K, K, dtype=torch.float64, device="meta")
+    kw = {"main": K - 1} if name == "mmpareto" else {}
+    w = W.weights(name, G, **kw)
+    assert w.device.type == "meta" and w.shape == (3, K) and w.dtype == torch.float64
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        G.sum().item()  # the check has teeth
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_fullgraph_compile(name):
-    """torch.compile(fullgraph=True) fails on .item(), on a Python branch on a tensor and on
-    any other graph break. The 'eager' backend checks exactly that (Dynamo's tracing),
-    without Inductor's code generation time; iters=2 keeps the traced graph small."""
+    """torch.compile(fullgraph=True) works (the fused path runs inside compiled training
+    steps) and a Python branch on a tensor value would be a graph break, i.e. an error
+    here. (Dynamo 2.13 captures .item() instead of breaking: the meta-device test and the
+    source check cover that.) The 'eager' backend runs Dynamo's tracing without
+    Inductor's code generation; iters=2 keeps the traced graph small."""
     torch._dynamo.reset()
     kw = {"iters": 2} if name in ("mgda", "upgrad", "cagrad", "mmpareto") else {}
     G = gram(make_J("random", 4))

@@ -12,8 +12,6 @@ Peak memory: each variant runs alone in a fresh process; its peak resident set
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import sys
 

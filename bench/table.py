@@ -82,8 +82,8 @@ def main():
         print(f"# done {name} {dtype}", file=sys.stderr)
 
     print()
-    print(f"| workload | dtype | path | params | median ms | speed-up vs reference | x memory floor | ns/param |")
-    print(f"|---|---|---|---:|---:|---:|---:|---:|")
+    print("| workload | dtype | path | params | median ms | speed-up vs reference | x memory floor | ns/param |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workload']} | {r['dtype']} | {r['path']} | {r['n'] / 1e6:.1f} M | {r['ms']:.2f} | "
               f"{r['vs_ref']:.1f}x | {r['vs_floor']:.2f} | {r['ns_per_param']:.3f} |")

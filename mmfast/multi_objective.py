@@ -14,7 +14,6 @@ gradients, as after ``sum(losses).backward()``.
 """
 from __future__ import annotations
 
-import torch
 
 from ._helper import GroupHelper, _check_scalar
 from ._multi import AggregateStats, aggregate_

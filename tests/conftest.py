@@ -18,7 +18,7 @@ FAST_BACKENDS = COMPILED + ["foreach"]
 
 
 def pytest_report_header(config):
-    lines = [f"mmfast backends: " + ", ".join(f"{k}={'yes' if v.available else 'no'}" for k, v in mmfast.backends().items())]
+    lines = ["mmfast backends: " + ", ".join(f"{k}={'yes' if v.available else 'no'}" for k, v in mmfast.backends().items())]
     if mmfast.backends()["cpu"].available:
         from mmfast._backends import _C
 

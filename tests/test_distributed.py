@@ -1,6 +1,5 @@
 """Two gloo ranks on half a batch each give what one process gives on the whole batch."""
 import multiprocessing as mp
-import os
 import time
 
 import pytest

@@ -48,7 +48,7 @@ def test_conflict_direction_does_not_oppose_either_gradient(backend):
     out, stats = combine(a, b, backend)
     assert stats.conflict.item()
     flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])
-    g, fa, fb = flat(out), flat(a), flat(b)
+    fa, fb = flat(a), flat(b)
     w = stats.w_mm.item()
     if 0.001 < w < 0.999:
         # Per-tensor rescaling keeps each tensor's direction, so check tensor by tensor.

@@ -1,0 +1,71 @@
+// Building blocks of the CPU kernels, shared by the translation units that hold
+// the entry points (kernels.cpp: two objectives; kernels_multi.cpp: K objectives),
+// which compile in parallel. Everything here is inlined into each clone.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels.h"
+#include "vec.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_CLONES)
+#define MMFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMFAST_CLONES
+#endif
+
+namespace mmfast::cpu {
+namespace {
+
+struct F64 {
+  using T = double;
+  using V = v8d;
+  static constexpr int64_t W = 8;
+  static MMFAST_INLINE V load(const T* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static MMFAST_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+template <class S>
+struct Wide : S {
+  using V = v16f;
+  static constexpr int64_t W = 16;
+};
+
+// fp32 sums run over blocks this long, then move to fp64 (SEMANTICS.md, Precision).
+constexpr int64_t kBlock = 1024;
+
+template <class S>
+MMFAST_INLINE typename S::V load_tail(const typename S::T* p, int64_t k) {
+  typename S::T buf[S::W] = {};
+  std::memcpy(buf, p, k * sizeof(typename S::T));
+  return S::load(buf);
+}
+template <class S>
+MMFAST_INLINE void store_tail(typename S::T* p, typename S::V v, int64_t k) {
+  typename S::T buf[S::W];
+  S::store(buf, v);
+  std::memcpy(p, buf, k * sizeof(typename S::T));
+}
+
+template <class S>
+MMFAST_INLINE bool all_zero(typename S::V z) {
+  // z accumulates (x - x): 0 for finite x, NaN otherwise.
+  bool ok = true;
+  for (int64_t j = 0; j < S::W; ++j) ok &= (z[j] == 0);
+  return ok;
+}
+
+template <class Fn>
+MMFAST_INLINE void with_storage(Dtype d, Fn&& fn) {
+  switch (d) {
+    case kF32: fn(Wide<F32>{}); break;
+    case kF64: fn(F64{}); break;
+    case kBF16: fn(Wide<BF16>{}); break;
+    case kF16: fn(Wide<F16>{}); break;
+  }
+}
+
+
+}  // namespace
+}  // namespace mmfast::cpu

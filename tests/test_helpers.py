@@ -225,3 +225,29 @@ def test_dgl_bad_arguments():
     model = SeedDGL()
     with pytest.raises(ValueError, match="in two groups"):
         mmfast.DGL({"audio": model.audio_net, "visual": model.visual_net}, fusion=model.audio_net)
+
+
+def test_autocast_forward():
+    """torch.autocast (bf16 compute, fp32 parameters): the helper sees fp32 gradients and
+    combines them exactly as the reference does from the same per-loss gradients."""
+    torch.manual_seed(6)
+    model = SeedAV()
+    x_a, x_v, y = data(7)
+
+    def losses():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, out_a, out_v = model(x_a, x_v)
+        return [ce(out.float(), y), ce(out_a.float(), y), ce(out_v.float(), y)]
+
+    ls = losses()
+    g_mm, g_a, g_v = per_loss_grads(model, ls)
+    names = [n for n, _ in model.named_parameters()]
+    groups = [0 if n.startswith("audio") else 1 if n.startswith("visual") else -1 for n in names]
+    b = [ga if g == 0 else gv if g == 1 else ga + gv for g, ga, gv in zip(groups, g_a, g_v)]
+    expected = [torch.empty_like(x) for x in g_mm]
+    mmfast.combine_(expected, g_mm, b, groups=groups, backend="torch")
+    ls = losses()
+    mmp_for(model).backward(ls[0], {"audio": ls[1], "visual": ls[2]})
+    for n, p, e in zip(names, model.parameters(), expected):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6, msg=n)

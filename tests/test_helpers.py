@@ -33,6 +33,20 @@ def assert_grads_close(m1, m2, rtol=1e-5):
             assert (p.grad - q.grad).abs().max().item() <= rtol * scale + 1e-12, n
 
 
+def expected_grads(model, losses, to=None):
+    """(names, the MMPareto gradients) from the per-loss gradients, by the reference
+    (optionally upcast to ``to`` first)."""
+    g_mm, g_a, g_v = per_loss_grads(model, losses)
+    names = [n for n, _ in model.named_parameters()]
+    groups = [0 if n.startswith("audio") else 1 if n.startswith("visual") else -1 for n in names]
+    b = [ga if g == 0 else gv if g == 1 else ga + gv for g, ga, gv in zip(groups, g_a, g_v)]
+    if to is not None:
+        g_mm, b = [x.to(to) for x in g_mm], [x.to(to) for x in b]
+    expected = [torch.empty_like(x) for x in g_mm]
+    mmfast.combine_(expected, g_mm, b, groups=groups, backend="torch")
+    return names, expected
+
+
 def mmp_for(model, **kw):
     return mmfast.MMPareto({"audio": model.audio_net, "visual": model.visual_net}, **kw)
 
@@ -124,12 +138,7 @@ def test_per_loss_backward_fallback_is_exact():
     x_a, x_v, y = data(1)
     out, out_a, out_v = model(x_a, x_v)
     losses = [ce(out, y), ce(out_a, y), ce(out_v, y)]
-    g_mm, g_a, g_v = per_loss_grads(model, losses)
-    names = [n for n, _ in model.named_parameters()]
-    groups = [0 if n.startswith("audio") else 1 if n.startswith("visual") else -1 for n in names]
-    b = [ga if g == 0 else gv if g == 1 else ga + gv for g, ga, gv in zip(groups, g_a, g_v)]
-    expected = [torch.empty_like(x) for x in g_mm]
-    mmfast.combine_(expected, g_mm, b, groups=groups, backend="torch")
+    names, expected = expected_grads(model, losses)
     mmp_for(model, per_loss_backward=True).backward(losses[0], {"audio": losses[1], "visual": losses[2]})
     for n, p, e in zip(names, model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7, msg=n)
@@ -207,12 +216,7 @@ def test_half_precision_model(backend, dtype):
     x_a, x_v = x_a.to(dtype), x_v.to(dtype)
     out, out_a, out_v = model(x_a, x_v)
     losses = [ce(out.float(), y), ce(out_a.float(), y), ce(out_v.float(), y)]
-    g_mm, g_a, g_v = per_loss_grads(model, losses)
-    names = [n for n, _ in model.named_parameters()]
-    groups = [0 if n.startswith("audio") else 1 if n.startswith("visual") else -1 for n in names]
-    b = [ga if g == 0 else gv if g == 1 else ga + gv for g, ga, gv in zip(groups, g_a, g_v)]
-    expected = [torch.empty_like(x, dtype=torch.float64) for x in g_mm]
-    mmfast.combine_(expected, [x.double() for x in g_mm], [x.double() for x in b], groups=groups, backend="torch")
+    names, expected = expected_grads(model, losses, to=torch.float64)
     mmp_for(model, backend=backend).backward(losses[0], {"audio": losses[1], "visual": losses[2]})
     scale = max(e.abs().max().item() for e in expected)
     for n, p, e in zip(names, model.parameters(), expected):
@@ -239,13 +243,7 @@ def test_autocast_forward():
             out, out_a, out_v = model(x_a, x_v)
         return [ce(out.float(), y), ce(out_a.float(), y), ce(out_v.float(), y)]
 
-    ls = losses()
-    g_mm, g_a, g_v = per_loss_grads(model, ls)
-    names = [n for n, _ in model.named_parameters()]
-    groups = [0 if n.startswith("audio") else 1 if n.startswith("visual") else -1 for n in names]
-    b = [ga if g == 0 else gv if g == 1 else ga + gv for g, ga, gv in zip(groups, g_a, g_v)]
-    expected = [torch.empty_like(x) for x in g_mm]
-    mmfast.combine_(expected, g_mm, b, groups=groups, backend="torch")
+    names, expected = expected_grads(model, losses())
     ls = losses()
     mmp_for(model).backward(ls[0], {"audio": ls[1], "visual": ls[2]})
     for n, p, e in zip(names, model.parameters(), expected):

@@ -90,19 +90,23 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         groups: one group id per tensor (weights are per group), -1 for tensors that
             get the plain sum. Default: one group.
         gamma: ``mmpareto`` only: the magnitude factor of its per-tensor rescale.
-        backend: ``"cpu"`` (fused), ``"foreach"``/``"torch"`` (plain PyTorch), or None.
+        backend: ``"cpu"`` or ``"triton"`` (fused), ``"foreach"``/``"torch"`` (plain PyTorch),
+            or None; ``"cuda"`` runs plain PyTorch ops (no K-objective CUDA kernels yet).
     """
     from .weightings import weights as weigh
 
     out, grads, groups = _check(out, grads, groups)
     K, T = len(grads), len(out)
     name = select_backend(backend, out[0].device)
-    fused = name == "cpu"
     flat = [grads[k][t] for t in range(T) for k in range(K)]
     with torch.no_grad():
-        if fused:
+        if name == "cpu":
             per_tensor, all_finite = torch.ops.mmfast.gram_k(flat, K)
-        else:
+        elif name == "triton":
+            from .kernels.multi import gram_k_triton
+
+            per_tensor, all_finite = gram_k_triton(out, grads)
+        else:  # cuda: no K-objective CUDA kernels yet
             per_tensor, all_finite = _gram_torch(grads, K)
         num_groups = max(groups) + 1 if groups else 0
         gram = group_sums(per_tensor.reshape(T, K * K), groups, num_groups).reshape(num_groups, K, K)
@@ -119,8 +123,12 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
             s = torch.where(nn <= ZERO_REL * terms, 0.0, gamma * K * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
             wt = wt * s[:, None]
         coefs = torch.where(inside[:, None], wt, 1.0).contiguous()
-        if fused:
+        if name == "cpu":
             sq = torch.ops.mmfast.combine_k_(out, flat, K, coefs)
+        elif name == "triton":
+            from .kernels.multi import combine_k_triton
+
+            sq = combine_k_triton(out, grads, coefs)
         else:
             sq = _combine_torch(out, grads, coefs)
     return AggregateStats(gram, w, sq.sum().sqrt(), all_finite)

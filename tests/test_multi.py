@@ -8,6 +8,7 @@ from helpers import poisoned_like
 
 weightings = pytest.importorskip("mmfast.weightings")
 CPU = mmfast.backends()["cpu"].available
+FUSED = [b for b in ("cpu", "triton") if mmfast.backends()[b].available]
 LAYOUTS = {
     "odd": ([(3,), (17,), (1025,), (5, 7, 3)], [0, 0, 1, -1]),
     "with_empty": ([(0,), (33,), (40000,)], [0, 0, 0]),
@@ -52,7 +53,7 @@ def test_gram_k_matches_fp64(K, dtype):
     assert finite.item()
 
 
-@pytest.mark.parametrize("backend", (["cpu"] if CPU else []) + ["foreach"])
+@pytest.mark.parametrize("backend", FUSED + ["foreach"])
 @pytest.mark.parametrize("weighting", ["upgrad", "mgda", "imtlg", "pcgrad", "cagrad"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -143,3 +144,21 @@ def test_aggregate_bad_input():
         too_many = [[torch.zeros(3)] for _ in range(17)]
         with pytest.raises(ValueError, match="K: expected 1..16"):
             mmfast.aggregate_([torch.zeros(3)], too_many)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("K", [1, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fused_gram_and_combine_any_k(backend, K, dtype):
+    shapes, groups = LAYOUTS["with_empty"]
+    grads = make(shapes, K, dtype, seed=4)
+    ref = expected(grads, groups, "mgda")
+    out = poisoned_like(grads[0])
+    stats = mmfast.aggregate_(out, grads, weighting="mgda", groups=groups, backend=backend)
+    J = torch.stack([torch.cat([g.double().reshape(-1) for g in grads[k]]) for k in range(K)])
+    torch.testing.assert_close(stats.gram[0], J @ J.T, rtol=1e-5, atol=1e-6)
+    scale = max(r.abs().max().item() for r in ref if r.numel())
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for o, r in zip(out, ref):
+        if o.numel():
+            assert (o.double() - r).abs().max().item() <= tol * scale

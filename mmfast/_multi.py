@@ -90,8 +90,8 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         groups: one group id per tensor (weights are per group), -1 for tensors that
             get the plain sum. Default: one group.
         gamma: ``mmpareto`` only: the magnitude factor of its per-tensor rescale.
-        backend: ``"cpu"`` or ``"triton"`` (fused), ``"foreach"``/``"torch"`` (plain PyTorch),
-            or None; ``"cuda"`` runs plain PyTorch ops (no K-objective CUDA kernels yet).
+        backend: ``"cpu"``, ``"cuda"`` or ``"triton"`` (fused), ``"foreach"``/``"torch"``
+            (plain PyTorch), or None.
     """
     from .weightings import weights as weigh
 
@@ -100,13 +100,13 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
     name = select_backend(backend, out[0].device)
     flat = [grads[k][t] for t in range(T) for k in range(K)]
     with torch.no_grad():
-        if name == "cpu":
+        if name in ("cpu", "cuda"):
             per_tensor, all_finite = torch.ops.mmfast.gram_k(flat, K)
         elif name == "triton":
             from .kernels.multi import gram_k_triton
 
             per_tensor, all_finite = gram_k_triton(out, grads)
-        else:  # cuda: no K-objective CUDA kernels yet
+        else:
             per_tensor, all_finite = _gram_torch(grads, K)
         num_groups = max(groups) + 1 if groups else 0
         gram = group_sums(per_tensor.reshape(T, K * K), groups, num_groups).reshape(num_groups, K, K)
@@ -123,7 +123,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
             s = torch.where(nn <= ZERO_REL * terms, 0.0, gamma * K * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
             wt = wt * s[:, None]
         coefs = torch.where(inside[:, None], wt, 1.0).contiguous()
-        if name == "cpu":
+        if name in ("cpu", "cuda"):
             sq = torch.ops.mmfast.combine_k_(out, flat, K, coefs)
         elif name == "triton":
             from .kernels.multi import combine_k_triton

@@ -360,15 +360,30 @@ def test_scale_linearity(name, kind):
 
 @pytest.mark.parametrize("name", ALL)
 def test_batched_equals_per_group(name):
+    """A batch of Gram matrices gives what each one gives alone.
+
+    Compared where the answer is unique: the direction ``d = J^T w`` always, the weights
+    only for full-rank J (``random``). For rank-deficient or duplicated gradients the
+    optimal weights form a set (MGDA with two equal rows: any split between them), and
+    the batched and the single LAPACK calls may land on different members of it.
+    Bound: the solvers reach ``d`` to about 1e-11 of ``|J|_F`` (weightings.py); the two
+    call paths round differently, amplified by the conditioning of G (up to ~1e6 for
+    the ``nearpar`` case: 1e-16 * 1e6), so 1e-9 of ``|J|_F`` leaves a margin of 10 over
+    both; a wrong batch index or mixed-up group gives O(1).
+    """
     K = 4
     Js = [make_J(kind, K, seed=s) * 10.0 ** (s - 2) for s, kind in enumerate(KINDS)]
     Gs = torch.stack([gram(J) for J in Js])
     wb = W.weights(name, Gs)
     assert wb.shape == (len(Js), K) and wb.dtype == torch.float64
-    for G, w in zip(Gs, wb):
-        assert torch.allclose(w, W.weights(name, G), rtol=1e-10, atol=1e-12)
+    for kind, J, G, w in zip(KINDS, Js, Gs, wb):
+        w1 = W.weights(name, G)
+        assert rel(J.T @ w, J.T @ w1, J) < 1e-9, kind
+        if kind == "random":
+            assert torch.allclose(w, w1, rtol=1e-9, atol=1e-12), kind
     w2 = W.weights(name, Gs[:4].reshape(2, 2, K, K))  # more than one leading dim
-    assert torch.allclose(w2.reshape(4, K), wb[:4], rtol=1e-10, atol=1e-12)
+    for J, w, w1 in zip(Js, w2.reshape(4, K), wb[:4]):
+        assert rel(J.T @ w, J.T @ w1, J) < 1e-9
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,97 +1,126 @@
-"""Parameter groups and their flat gradient buffers, shared by the training helpers."""
+"""The training helpers' parameter groups, looked up from the user's modules at every
+``backward``: a parameter that starts or stops requiring grad, one replaced by
+``load_state_dict(assign=True)`` or ``model.to(...)``, joins or leaves its group at the
+next step. Nothing here keeps a parameter from one step to the next."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 
-def named_params(name: str, spec) -> list:
-    """``[(label, param)]`` of a group given as a module or an iterable of parameters."""
+class Layout(NamedTuple):
+    """One step's members: ``members[g]`` the parameters of group g that require grad."""
+
+    names: tuple  # group names, in the order given
+    members: tuple  # per group, a tuple of parameters
+    labels: dict  # id(param) -> "group.sub.name", for messages
+    group_of: dict  # id(param) -> group index
+    extra: dict  # name -> tuple of parameters (DGL's fusion module)
+
+    @property
+    def params(self) -> list:
+        return [p for ps in self.members for p in ps]
+
+    @property
+    def group_ids(self) -> list:
+        return [g for g, ps in enumerate(self.members) for _ in ps]
+
+
+def _items(name: str, spec) -> list:
+    """``[(label, param)]`` of a group spec (frozen parameters included), looked up now."""
     if isinstance(spec, nn.Module):
-        items = [(f"{name}.{n}", p) for n, p in spec.named_parameters()]
-    elif isinstance(spec, torch.Tensor):
-        items = [(f"{name}[0]", spec)]
-    elif isinstance(spec, Iterable):
-        items = []
-        for i, p in enumerate(spec):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"groups[{name!r}][{i}]: expected a parameter, got {type(p).__name__}")
-            items.append((f"{name}[{i}]", p))
+        return [(f"{name}.{n}", p) for n, p in spec.named_parameters()]
+    out = []
+    for i, x in enumerate(spec):
+        if isinstance(x, nn.Module):
+            out += [(f"{name}[{i}].{n}", p) for n, p in x.named_parameters()]
+        else:
+            out.append((f"{name}[{i}]", x))
+    return out
+
+
+def _check_spec(name, spec):
+    """A module, or a list of modules and tensors (materialised once: a generator is read
+    now; the modules in it are still looked up at every step)."""
+    if not isinstance(name, str):
+        raise TypeError(f"groups: expected str names, got {name!r}")
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, torch.Tensor):
+        spec = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (str, bytes, dict)):
+        spec = list(spec)
     else:
         raise TypeError(f"groups[{name!r}]: expected an nn.Module or an iterable of parameters, got {type(spec).__name__}")
-    for label, p in items:
-        if p.requires_grad and not p.is_leaf:
-            raise ValueError(f"{label}: expected a leaf parameter, got a non-leaf tensor")
-    return [(label, p) for label, p in items if p.requires_grad]
+    for i, p in enumerate(spec):
+        if not isinstance(p, (torch.Tensor, nn.Module)):
+            raise TypeError(f"groups[{name!r}][{i}]: expected a parameter or a module, got {type(p).__name__}")
+    return tuple(spec)
 
 
-def parse_groups(groups: dict, extra: dict | None = None) -> tuple:
-    """Checks the groups (and named extra parameter sets) are non-empty and disjoint.
+class Groups:
+    """``{name: module, or list of modules and parameters}`` (plus named extra sets, e.g.
+    DGL's fusion module).
 
-    Returns ``(names, {name: [(label, param)]})``.
-    """
-    if not isinstance(groups, dict) or not groups:
-        raise TypeError("groups: expected a non-empty dict {name: module or parameters}")
-    sets = {}
-    owner = {}
-    for name, spec in list(groups.items()) + list((extra or {}).items()):
-        if not isinstance(name, str):
-            raise TypeError(f"groups: expected str names, got {name!r}")
-        items = named_params(name, spec)
-        if not items:
-            raise ValueError(f"groups[{name!r}]: has no parameter that requires grad")
-        for label, p in items:
-            if id(p) in owner and owner[id(p)][0] != name:
-                raise ValueError(f"{label}: this parameter is in two groups, {owner[id(p)][0]!r} and {name!r}")
-            owner[id(p)] = (name, label)
-        # A module may list a shared parameter twice: keep it once.
-        seen, unique = set(), []
-        for label, p in items:
-            if id(p) not in seen:
-                seen.add(id(p))
-                unique.append((label, p))
-        sets[name] = unique
-    return list(groups), sets
-
-
-class FlatGrads:
-    """``k`` flat buffers for one parameter group; ``.grad`` set as views into one of them.
-
-    Allocated on first use and again if the parameters move (``model.to(...)``).
+    Modules are looked up at every ``resolve()``; a tensor in a list is fixed, so pass
+    modules when parameters may be replaced (``load_state_dict(assign=True)``).
     """
 
-    def __init__(self, name: str, params: list, k: int):
-        self.name, self.params, self.k = name, params, k
-        self.buffers, self.views = [], []
-        self._key = None
+    def __init__(self, groups: dict, extra: dict | None = None):
+        if not isinstance(groups, dict) or not groups:
+            raise TypeError("groups: expected a non-empty dict {name: module or parameters}")
+        extra = dict(extra or {})
+        for name in extra:
+            if name in groups:
+                raise ValueError(f"groups: the name {name!r} is taken by the {name} argument")
+        self.names = tuple(groups)
+        self.extra_names = tuple(extra)
+        self.specs = {name: _check_spec(name, spec) for name, spec in {**groups, **extra}.items()}
+        for name, spec in self.specs.items():
+            if not _items(name, spec):
+                raise ValueError(f"groups[{name!r}]: has no parameters")
+        self._last = None
+        self.resolve()  # parameters in two groups, non-leaf tensors: an error now
 
-    def _layout(self):
-        p0 = self.params[0]
-        for p in self.params:
-            if p.dtype != p0.dtype or p.device != p0.device:
-                raise ValueError(
-                    f"group {self.name!r}: all parameters must share dtype and device for a flat buffer; "
-                    f"found {p0.dtype} on {p0.device} and {p.dtype} on {p.device}"
-                )
-        return (p0.dtype, p0.device, tuple(p.shape for p in self.params))
+    def resolve(self) -> Layout:
+        """This step's members; labelled and checked again only when they changed."""
+        found = {}
+        for name, spec in self.specs.items():
+            mods = [spec] if isinstance(spec, nn.Module) else spec
+            ps = []
+            for x in mods:
+                ps.extend(x.parameters() if isinstance(x, nn.Module) else (x,))
+            found[name] = ps
+        key = tuple((id(p), p.requires_grad) for ps in found.values() for p in ps)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        sets = {}
+        for name, spec in self.specs.items():
+            seen, members = set(), []
+            for label, p in _items(name, spec):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    members.append((label, p))
+            sets[name] = members
+        owner = {}
+        for name, members in sets.items():
+            for label, p in members:
+                if not p.is_leaf:
+                    raise ValueError(f"{label}: expected a leaf parameter, got a non-leaf tensor")
+                if id(p) in owner:
+                    raise ValueError(f"{label}: this parameter is in two groups, {owner[id(p)]!r} and {name!r}")
+                owner[id(p)] = name
+        lay = Layout(
+            names=self.names,
+            members=tuple(tuple(p for _, p in sets[n]) for n in self.names),
+            labels={id(p): label for ms in sets.values() for label, p in ms},
+            group_of={id(p): g for g, n in enumerate(self.names) for _, p in sets[n]},
+            extra={n: tuple(p for _, p in sets[n]) for n in self.extra_names},
+        )
+        self._last = (key, lay, found)  # (found keeps the keyed parameters alive: ids stay unique)
+        return lay
 
-    def ensure(self) -> None:
-        key = self._layout()
-        if key == self._key:
-            return
-        dtype, device, shapes = key
-        sizes = [p.numel() for p in self.params]
-        total = sum(sizes)
-        self.buffers = [torch.zeros(total, dtype=dtype, device=device) for _ in range(self.k)]
-        self.views = [list(torch.split(buf, sizes)) for buf in self.buffers]
-        self.views = [[v.view(s) for v, s in zip(vs, shapes)] for vs in self.views]
-        self._key = key
-
-    def attach(self, j: int, zero: bool = False) -> None:
-        """Points every parameter's ``.grad`` at buffer ``j`` (zeroed first if asked)."""
-        if zero:
-            self.buffers[j].zero_()
-        for p, v in zip(self.params, self.views[j]):
-            p.grad = v
+    def __getstate__(self):
+        return {**self.__dict__, "_last": None}  # ids are not meaningful in another process

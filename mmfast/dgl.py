@@ -7,20 +7,20 @@
     stats = dgl.backward(loss_mm, {"audio": loss_a, "visual": loss_v})
     optimizer.step()
 
-Pass 1 backpropagates ``alpha · Σ L_m`` to every parameter except the fusion
-module's; pass 2 backpropagates ``L_mm`` to every parameter except the encoders'.
-The masking is done by autograd itself (``backward(inputs=...)``), so a dropped
-gradient is never computed, even when the model forgot to detach. Encoder
-gradients land in one flat buffer per group; the clip (``max_norm``) is one fused
-norm pass over every gradient plus a rescale pass only when it bites.
+Pass 1 backpropagates ``alpha · Σ L_m`` to every leaf it reaches except the fusion
+module's; pass 2 backpropagates ``L_mm`` to every leaf it reaches except the encoders'.
+The masking is done by autograd itself (``backward(inputs=...)``, the leaves read off
+this step's graph), so a dropped gradient is never computed, even when the model forgot
+to detach; every gradient accumulates into ``.grad`` as after a plain backward. The clip
+(``max_norm``) is one fused norm pass over every gradient plus a rescale pass only when
+it bites, once per optimizer step: on the ``backward`` outside ``no_sync()``.
 """
 from __future__ import annotations
 
 import torch
 
 from ._clip import clip_grad_norm_
-from ._dist import GradSync
-from ._helper import GroupHelper
+from ._helper import GroupHelper, check_number, dense_1d
 from ._stats import DGLStats
 
 
@@ -28,7 +28,7 @@ class DGL(GroupHelper):
     """Encoders learn from ``alpha ·`` their unimodal loss, the fusion module from ``L_mm``.
 
     Args:
-        groups: ``{name: encoder module or parameters}``.
+        groups: ``{name: encoder module or parameters}`` (looked up at every ``backward``).
         fusion: the fusion module (or its parameters).
         alpha: factor on the unimodal losses (the reference scripts use 4 or 5).
         max_norm: clip every gradient to this total norm (the reference uses 40), or None.
@@ -37,47 +37,53 @@ class DGL(GroupHelper):
             (as ``mmfast.MMPareto``).
 
     Parameters outside the groups and the fusion module get ``dL_mm/dθ + alpha ·
-    dΣL_m/dθ``, accumulated like any gradient. They are found on the first
-    ``backward`` from the losses' autograd graph.
+    dΣL_m/dθ``; which ones a loss reaches is read off each step's graph.
     """
+
+    owner = "mmfast.DGL"
 
     def __init__(self, groups: dict, *, fusion, alpha: float = 4.0, max_norm: float | None = 40.0, backend=None,
                  process_group=None, ddp=None):
-        super().__init__(groups, n_buffers=1, extra={"fusion": fusion}, backend=backend)
-        self.sync = GradSync(process_group, ddp, owner="mmfast.DGL")
-        if "fusion" in groups:
-            raise ValueError("groups: the name 'fusion' is taken by the fusion argument")
-        self.fusion = self.extra["fusion"]
-        self.alpha = float(alpha)
-        self.max_norm = max_norm
-        self._others = None
+        self.alpha = check_number("alpha", alpha, low=0.0, strict=False)
+        self.max_norm = check_number("max_norm", max_norm, low=0.0, strict=True, none=True)
+        super().__init__(groups, extra={"fusion": fusion}, backend=backend, process_group=process_group, ddp=ddp)
 
-    def backward(self, loss_mm: torch.Tensor, losses: dict) -> DGLStats:
+    def backward(self, loss_mm: torch.Tensor, losses: dict) -> DGLStats | None:
+        """Both passes. Outside ``no_sync()`` (the last micro-batch before the optimizer
+        step) also the all-reduce across ranks and the clip of the accumulated gradients,
+        and the statistics; inside it, None."""
         unimodal = self.check_losses(loss_mm, losses)
-        self.begin()
-        if self._others is None:
-            self._others = self.outside_leaves([loss_mm, *unimodal], exclude=self.fusion)
+        lay = self.groups.resolve()
+        fusion = {id(p) for p in lay.extra["fusion"]}
+        r_mm, *r_uni = self.read_graph([loss_mm, *unimodal])
+        self.check_reaches_groups(lay, [r_mm, *r_uni])
+        self.note_window([r_mm, *r_uni])
+        to_uni = {pid: t for r in r_uni for pid, t in r.leaves.items() if pid not in fusion}
+        to_mm = [t for pid, t in r_mm.leaves.items() if pid not in lay.group_of]
+        uni = [loss * self.alpha for loss in unimodal if loss.requires_grad]
+        total = sum(uni[1:], uni[0]) if uni else loss_mm.detach()
+        self.run([(total, list(to_uni.values())), (loss_mm, to_mm)])
+        if self._in_no_sync:
+            return None
 
-        for f in self.flat:
-            f.attach(0, zero=True)
-        uni = torch.stack([loss.reshape(()) for loss in unimodal]).sum() * self.alpha
-        torch.autograd.backward(uni, inputs=self.params + self._others, retain_graph=True)
-        for p in self.fusion:
-            p.grad = None  # as the reference: the fusion module sees only L_mm
-        torch.autograd.backward(loss_mm, inputs=self.fusion + self._others)
-
-        if self.sync.active:
-            for f in self.flat:
-                self.sync.mean_(f.buffers, f"group {f.name!r}'s gradient buffer")
-            rest = [p.grad for p in self.fusion + self._others if p.grad is not None]
-            self.sync.mean_(rest, "the fusion and other gradients")
+        params = self.clip_params(lay)
+        self.sync_rest(lay, include_members=True)
         grads, groups = [], []
-        for g, f in enumerate(self.flat):
-            grads += f.views[0]
-            groups += [g] * len(f.views[0])
-        rest = [p.grad for p in self.fusion + self._others if p.grad is not None]
-        grads += rest
-        groups += [-1] * len(rest)
+        for p in params:
+            if p.grad is None:
+                continue
+            flat = dense_1d(p.grad)
+            if flat is None:  # a rare layout: clip a contiguous copy, then write it back
+                p.grad = p.grad.contiguous()
+                flat = p.grad.view(-1)
+            grads.append(flat)
+            groups.append(lay.group_of.get(id(p), -1))
+        if not grads:
+            zero = torch.zeros((), dtype=torch.float64)
+            return DGLStats(torch.zeros(len(self.names), dtype=torch.float64), zero, torch.ones_like(zero),
+                            torch.ones((), dtype=torch.bool), tuple(self.names))
         clip = clip_grad_norm_(grads, self.max_norm, groups=groups, backend=self.backend)
-        self.finish()
-        return DGLStats(clip.group_sq.sqrt(), clip.total_norm, clip.clip_coef, clip.all_finite, tuple(self.names))
+        group_sq = clip.group_sq
+        if group_sq.numel() < len(self.names):  # trailing groups without gradients this step
+            group_sq = torch.cat([group_sq, group_sq.new_zeros(len(self.names) - group_sq.numel())])
+        return DGLStats(group_sq.sqrt(), clip.total_norm, clip.clip_coef, clip.all_finite, tuple(self.names))

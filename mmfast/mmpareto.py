@@ -1,26 +1,24 @@
 """``mmfast.MMPareto``: the MMPareto training step in two backward passes.
 
     mmp = mmfast.MMPareto({"audio": model.audio_net, "visual": model.visual_net})
-    optimizer.zero_grad()  # the groups' gradients are reset by backward; the rest accumulate
+    optimizer.zero_grad()
     out, out_a, out_v = model(x_a, x_v)
     stats = mmp.backward(loss_mm, {"audio": loss_a, "visual": loss_v})
     optimizer.step()
 
-Pass 1 backpropagates the multimodal loss with each group's ``.grad`` pointing
-into one flat buffer ``A``; pass 2 the sum of the unimodal losses into a second
-flat buffer ``B``. One fused combine over both buffers writes the MMPareto update
-into ``A`` (the norm of ``a + b`` comes from its Gram pass, so the published
-fourth backward is not needed), and ``.grad`` stays a view of ``A``. Parameters
-outside the groups accumulate the plain sum, as after ``(L_mm + Σ L_m).backward()``.
+Pass 1 backpropagates the multimodal loss, pass 2 the sum of the unimodal losses; the
+groups' ``.grad`` is taken out before each, so autograd hands over ``a`` and ``b`` as
+fresh tensors. One fused combine writes the MMPareto update into ``a`` (the norm of
+``a + b`` comes from its Gram pass, so the published fourth backward is not needed),
+which is added to what ``.grad`` held (or becomes ``.grad``). Parameters outside the
+groups accumulate the plain sum, as after ``(L_mm + Σ L_m).backward()``.
 """
 from __future__ import annotations
 
 import torch
 
 from ._combine import combine_
-from ._dist import GradSync
-from ._graph import reachable_leaves
-from ._helper import GroupHelper
+from ._helper import GroupHelper, apply_update, check_number
 from ._stats import CombineStats
 
 
@@ -29,57 +27,90 @@ class MMPareto(GroupHelper):
 
     Args:
         groups: ``{name: encoder module or iterable of parameters}``, one per modality.
+            Modules are looked up at every ``backward`` (freezing, unfreezing and
+            replaced parameters are followed); a list of parameters is fixed.
         gamma: magnitude factor (SEMANTICS.md).
         per_loss_backward: run one backward per unimodal loss instead of one for
             their sum. Needed only when a unimodal loss reaches another group's
-            parameters, which the first ``backward`` checks and reports.
+            parameters, which every ``backward`` checks on that step's graph.
         backend: passed to ``combine_`` (None: the best available).
         process_group: average the gradients over this ``torch.distributed`` group
-            (each per-objective buffer before the Gram pass, the rest as DDP would).
+            (each objective's group gradients before the Gram pass, the rest as DDP would).
         ddp: the ``DistributedDataParallel`` model, if any: its reducer is switched
             off (``require_backward_grad_sync = False``) and mmfast communicates.
     """
 
+    owner = "mmfast.MMPareto"
+
     def __init__(self, groups: dict, *, gamma: float = 1.5, per_loss_backward: bool = False, backend=None,
                  process_group=None, ddp=None):
-        super().__init__(groups, n_buffers=2, backend=backend)
-        self.gamma = gamma
+        self.gamma = check_number("gamma", gamma, low=0.0, strict=True)
+        if not isinstance(per_loss_backward, bool):
+            raise TypeError(f"per_loss_backward: expected a bool, got {type(per_loss_backward).__name__}")
         self.per_loss_backward = per_loss_backward
-        self.sync = GradSync(process_group, ddp, owner="mmfast.MMPareto")
-        self._others = None  # per unimodal loss, the leaves outside every group it reaches
-        self._rest = None  # every leaf outside the groups that a loss reaches
+        super().__init__(groups, backend=backend, process_group=process_group, ddp=ddp)
 
-    def backward(self, loss_mm: torch.Tensor, losses: dict) -> CombineStats:
-        """Both backward passes and the combine; every ``.grad`` is then ready for the optimizer."""
+    def backward(self, loss_mm: torch.Tensor, losses: dict, *, combine: bool = True) -> CombineStats | None:
+        """Both backward passes and the combine; every ``.grad`` is then ready for the optimizer.
+
+        ``combine=False`` (the global-batch form of accumulation): only accumulate the
+        raw per-objective gradients of the groups; the next ``backward`` with
+        ``combine=True`` combines the sums, so k micro-batches give what one batch k
+        times as large gives. Returns None then. Without it, each ``backward`` adds its
+        own combined update to ``.grad`` (as ``loss.backward()`` adds its gradient).
+        """
         unimodal = self.check_losses(loss_mm, losses)
-        self.begin()
-        if self._others is None:  # first step: read the graph once
-            leaves = [reachable_leaves(loss) for loss in unimodal]
-            if not self.per_loss_backward:
-                self.check_disjoint(leaves)
-            self._others = [[t for pid, t in lv.items() if pid not in self.group_of] for lv in leaves]
-            self._rest = self.outside_leaves([loss_mm, *unimodal])
+        lay = self.groups.resolve()
+        r_uni = self.read_graph(unimodal)
+        if not self.per_loss_backward:
+            self.check_disjoint(lay, r_uni)
+        # The multimodal loss's graph (the largest) is read only where it is needed: to
+        # know what to average without ddp=, or when no unimodal loss reaches a group.
+        need_mm = (self.sync.active and self.sync.ddp is None) or not any(
+            pid in lay.group_of for r in r_uni for pid in r.leaves)
+        reaches = [*self.read_graph([loss_mm]), *r_uni] if need_mm else r_uni
+        self.check_reaches_groups(lay, reaches)
+        self.note_window(reaches)
 
-        for f in self.flat:
-            f.attach(0, zero=True)
-        loss_mm.backward(retain_graph=True)
-        for f in self.flat:
-            f.attach(1, zero=True)
-        if self.per_loss_backward:
-            for m, loss in enumerate(unimodal):
-                inputs = self.flat[m].params + self._others[m]
-                torch.autograd.backward(loss, inputs=inputs, retain_graph=m + 1 < len(unimodal))
-        else:
-            torch.stack([loss.reshape(()) for loss in unimodal]).sum().backward()
+        params = lay.params
+        acc = self.take_accumulated(params)  # before .grad is touched: it checks .grad
+        prev = self.take_grads(params)
+        try:
+            self.run([(loss_mm, None)], keep=True)
+            a = self.take_grads(params)
+            if self.per_loss_backward:  # each loss to its own group and the leaves outside
+                outside = [[t for pid, t in r.leaves.items() if pid not in lay.group_of] for r in r_uni]
+                self.run([(loss, list(lay.members[m]) + outside[m]) for m, loss in enumerate(unimodal)])
+            else:
+                self.run([(_sum(unimodal), None)])
+            b = self.take_grads(params)
+        except BaseException:
+            for p, g in zip(params, prev):
+                p.grad = g
+            raise
+        a, b = self.merge_accumulated(params, acc, [a, b])
+        if not combine:
+            self.accumulate(params, [a, b], prev)
+            return None
+        a, b = self.sync_objectives(params, [a, b], "the groups' per-objective gradients")
+        if not self._in_no_sync:
+            self.sync_rest(lay, include_members=False)
+        stats, present = apply_update(
+            params, lay.group_ids, [a, b], prev, self.names,
+            lambda g, ids: combine_(g[0], g[0], g[1], groups=ids, gamma=self.gamma, backend=self.backend))
+        return (stats or empty_stats())._replace(names=present)
 
-        if self.sync.active:
-            for f in self.flat:
-                self.sync.mean_(f.buffers, f"group {f.name!r}'s gradient buffers")
-            self.sync.mean_([t.grad for t in self._rest if t.grad is not None], "the gradients outside the groups")
-        a = [v for f in self.flat for v in f.views[0]]
-        b = [v for f in self.flat for v in f.views[1]]
-        stats = combine_(a, a, b, groups=self.group_ids, gamma=self.gamma, backend=self.backend)
-        for f in self.flat:
-            f.attach(0)
-        self.finish()
-        return stats._replace(names=tuple(self.names))
+
+def _sum(losses: list):
+    live = [loss for loss in losses if loss.requires_grad]
+    total = live[0] if live else losses[0]
+    for loss in live[1:]:
+        total = total + loss
+    return total
+
+
+def empty_stats() -> CombineStats:
+    f64 = dict(dtype=torch.float64)
+    return CombineStats(torch.zeros(0, 3, **f64), torch.zeros(0, **f64), torch.zeros(0, **f64),
+                        torch.zeros(0, **f64), torch.zeros(0, dtype=torch.bool), torch.zeros((), **f64),
+                        torch.ones((), **f64), torch.ones((), dtype=torch.bool))

@@ -1,22 +1,23 @@
-"""``mmfast.MultiObjective``: K losses, K backward passes into K flat buffers, one
-fused Gramian aggregation.
+"""``mmfast.MultiObjective``: K losses, K backward passes, one fused Gramian aggregation.
 
-    mo = mmfast.MultiObjective({"trunk": model.trunk}, weighting="upgrad")
+    mo = mmfast.MultiObjective({"trunk": model.trunk}, n_objectives=4, weighting="upgrad")
     optimizer.zero_grad()
     stats = mo.backward([loss_1, loss_2, loss_3, loss_4])
     optimizer.step()
 
-Each loss is backpropagated with each group's ``.grad`` pointing into its own flat
-buffer (the buffers of ``mmfast.MMPareto``, K of them); ``mmfast.aggregate_``
-then writes the aggregate into the first buffer, which ``.grad`` keeps viewing.
-Parameters outside the groups (task heads) accumulate the plain sum of the losses'
-gradients, as after ``sum(losses).backward()``.
+Each loss is backpropagated with the groups' ``.grad`` taken out before, so autograd
+hands over each objective's gradients as fresh tensors; ``mmfast.aggregate_`` writes
+the aggregate into the first objective's tensors, which is added to what ``.grad``
+held (or becomes ``.grad``). Parameters outside the groups (task heads) accumulate the
+plain sum of the losses' gradients, as after ``sum(losses).backward()``.
 """
 from __future__ import annotations
 
+import torch
 
-from ._helper import GroupHelper, _check_scalar
+from ._helper import GroupHelper, apply_update, check_scalar
 from ._multi import AggregateStats, aggregate_
+from .weightings import WEIGHTINGS
 
 
 class MultiObjective(GroupHelper):
@@ -24,35 +25,68 @@ class MultiObjective(GroupHelper):
     ``upgrad``, ``mmpareto``) over the parameter groups, weights per group.
 
     Args:
-        groups: ``{name: module or parameters}`` (shared parts, each weighted on its own).
+        groups: ``{name: module or parameters}`` (shared parts, each weighted on its own;
+            modules are looked up at every ``backward``).
         n_objectives: K, the number of losses ``backward`` will get.
         weighting: see ``mmfast.weightings``; extra keyword arguments go to it.
         backend: passed to ``aggregate_``.
+        process_group, ddp: average each objective's gradients across ranks before the
+            Gram pass (as ``mmfast.MMPareto``).
     """
 
-    def __init__(self, groups: dict, n_objectives: int, *, weighting: str = "upgrad", backend=None, **weighting_kw):
-        if not isinstance(n_objectives, int) or n_objectives < 1:
+    owner = "mmfast.MultiObjective"
+
+    def __init__(self, groups: dict, n_objectives: int, *, weighting: str = "upgrad", backend=None,
+                 process_group=None, ddp=None, **weighting_kw):
+        if isinstance(n_objectives, bool) or not isinstance(n_objectives, int) or n_objectives < 1:
             raise ValueError(f"n_objectives: expected a positive int, got {n_objectives!r}")
-        super().__init__(groups, n_buffers=n_objectives, backend=backend)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: unknown {weighting!r}; known: {', '.join(sorted(WEIGHTINGS))}")
+        super().__init__(groups, backend=backend, process_group=process_group, ddp=ddp)
         self.k = n_objectives
         self.weighting = weighting
         self.weighting_kw = weighting_kw
 
-    def backward(self, losses) -> AggregateStats:
+    def backward(self, losses, *, combine: bool = True) -> AggregateStats | None:
+        """K backward passes and the aggregation. ``combine=False``: the global-batch form
+        of accumulation (as ``MMPareto.backward``); returns None then."""
         if not isinstance(losses, (list, tuple)) or len(losses) != self.k:
             raise ValueError(f"losses: expected a list of {self.k} scalar losses, got {type(losses).__name__} "
                              f"of length {len(losses) if hasattr(losses, '__len__') else '?'}")
         for i, loss in enumerate(losses):
-            _check_scalar(f"losses[{i}]", loss)
-        self.begin()
-        for k, loss in enumerate(losses):
-            for f in self.flat:
-                f.attach(k, zero=True)
-            loss.backward(retain_graph=k + 1 < self.k)
-        grads = [[v for f in self.flat for v in f.views[k]] for k in range(self.k)]
-        stats = aggregate_(grads[0], grads, weighting=self.weighting, groups=self.group_ids, backend=self.backend,
-                           **self.weighting_kw)
-        for f in self.flat:
-            f.attach(0)
-        self.finish()
-        return stats._replace(names=tuple(self.names))
+            check_scalar(f"losses[{i}]", loss, need_grad=False)
+        if not any(loss.requires_grad for loss in losses):
+            raise ValueError("losses: none of them requires grad (computed under no_grad, or detached?)")
+        lay = self.groups.resolve()
+        reaches = self.read_graph(list(losses))
+        self.check_reaches_groups(lay, reaches)
+        self.note_window(reaches)
+
+        params = lay.params
+        acc = self.take_accumulated(params)
+        prev = self.take_grads(params)
+        grads = []
+        try:
+            for k, loss in enumerate(losses):
+                self.run([(loss, None)], keep=any(x.requires_grad for x in losses[k + 1:]))
+                grads.append(self.take_grads(params))
+        except BaseException:
+            for p, g in zip(params, prev):
+                p.grad = g
+            raise
+        grads = self.merge_accumulated(params, acc, grads)
+        if not combine:
+            self.accumulate(params, grads, prev)
+            return None
+        grads = self.sync_objectives(params, grads, "the groups' per-objective gradients")
+        if not self._in_no_sync:
+            self.sync_rest(lay, include_members=False)
+        stats, present = apply_update(
+            params, lay.group_ids, grads, prev, self.names,
+            lambda g, ids: aggregate_(g[0], g, weighting=self.weighting, groups=ids, backend=self.backend,
+                                      **self.weighting_kw))
+        if stats is None:
+            f64 = dict(dtype=torch.float64)
+            stats = AggregateStats(torch.zeros(0, self.k, self.k, **f64), torch.zeros(0, self.k, **f64),
+                                   torch.zeros((), **f64), torch.ones((), dtype=torch.bool))
+        return stats._replace(names=present)

@@ -1,4 +1,19 @@
-"""Processes for tests/test_distributed.py (spawned; must be importable)."""
+"""Processes for tests/test_distributed.py (spawned; must be importable).
+
+``train(method, scenario, rank, world, mode)`` runs STEPS optimizer steps of a training
+loop; with ``world == 1`` it is the single-process reference on the whole batch, which
+the ranks (each on its half of every batch) must reproduce.
+
+Scenarios (the loops of tests/test_loops.py, distributed):
+* ``plain``: one backward per step.
+* ``accum``: two micro-batches per step, the first inside ``helper.no_sync()``.
+* ``global``: MMPareto's global-batch form: ``combine=False``, then ``combine=True``.
+* ``missing``: in step 1 rank 1's batch has no visual modality (its visual loss is a
+  constant 0). As with plain DDP, the gradients are averaged over the ranks, so the
+  single-process equivalent is the visual loss of rank 0's half, halved.
+* ``branch``: from step 1 on, an extra head joins the multimodal loss (every rank).
+* ``branch1``: the extra head is used on rank 0 only (a data-dependent branch).
+"""
 from __future__ import annotations
 
 import datetime
@@ -23,25 +38,29 @@ class TinyAV(nn.Module):
         self.audio_net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8))
         self.visual_net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 8))
         self.dgl = dgl
-        if dgl:
-            self.fusion_module = nn.Linear(16, 4)
-        else:
-            self.fusion_module = nn.Linear(16, 4)
+        self.fusion_module = nn.Linear(16, 4)
+        self.extra_head = nn.Linear(8, 4)
+        if not dgl:
             self.head_audio = nn.Linear(8, 4)
             self.head_visual = nn.Linear(8, 4)
 
-    def forward(self, x_a, x_v):
+    def forward(self, x_a, x_v, extra=False):
         f_a, f_v = self.audio_net(x_a), self.visual_net(x_v)
         if self.dgl:
             f = self.fusion_module
-            return (f(torch.cat([f_a, f_v], 1).detach()), f(torch.cat([f_a, torch.zeros_like(f_v)], 1)),
-                    f(torch.cat([torch.zeros_like(f_a), f_v], 1)))
-        return self.fusion_module(torch.cat([f_a, f_v], 1)), self.head_audio(f_a), self.head_visual(f_v)
+            out, out_a, out_v = (f(torch.cat([f_a, f_v], 1).detach()), f(torch.cat([f_a, torch.zeros_like(f_v)], 1)),
+                                 f(torch.cat([torch.zeros_like(f_a), f_v], 1)))
+        else:
+            out, out_a, out_v = self.fusion_module(torch.cat([f_a, f_v], 1)), self.head_audio(f_a), self.head_visual(f_v)
+        if extra is not False:  # True, or a [B] mask of the samples that take the branch
+            e = self.extra_head(f_a.detach() if self.dgl else f_a)
+            out = out + (e if extra is True else e * extra[:, None])
+        return out, out_a, out_v
 
 
-def batch(step: int):
+def batch(step: int, micro: int = 0):
     """16 samples whose two halves disagree: different inputs scale and labels."""
-    g = torch.Generator().manual_seed(100 + step)
+    g = torch.Generator().manual_seed(100 + 10 * step + micro)
     x_a, x_v = torch.randn(16, 12, generator=g), torch.randn(16, 10, generator=g)
     x_a[8:] *= -3.0
     y = torch.cat([torch.randint(0, 2, (8,), generator=g), torch.randint(2, 4, (8,), generator=g)])
@@ -52,10 +71,35 @@ def make(method: str, model, **kw):
     groups = {"audio": model.audio_net, "visual": model.visual_net}
     if method == "mmpareto":
         return mmfast.MMPareto(groups, **kw)
+    if method == "multi":
+        return mmfast.MultiObjective(groups, 3, weighting="upgrad", **kw)
     return mmfast.DGL(groups, fusion=model.fusion_module, alpha=4.0, max_norm=0.5, **kw)
 
 
-def train(method: str, rank=None, world=1, mode="plain", bad_rank=None):
+def step_losses(net, x_a, x_v, y, *, scenario, step, rank, world):
+    """The three losses of one (micro-)batch, as this rank (or the reference) sees them."""
+    extra = scenario == "branch" and step >= 1
+    if scenario == "branch1" and step >= 1:
+        # rank 0's half takes the branch; the reference: the first half of the batch
+        extra = rank == 0 if world > 1 else torch.arange(len(y)) < len(y) // 2
+    out, out_a, out_v = net(x_a, x_v, extra=extra)
+    l_mm, l_a, l_v = ce(out, y), ce(out_a, y), ce(out_v, y)
+    if scenario == "missing" and step == 1:
+        if world > 1 and rank == 1:
+            l_v = torch.zeros(())
+        elif world == 1:  # the reference: rank 0's half only, averaged with rank 1's zero
+            l_v = 0.5 * ce(out_v[:8], y[:8])
+    return l_mm, l_a, l_v
+
+
+def call(helper, method, losses, **kw):
+    l_mm, l_a, l_v = losses
+    if method == "multi":
+        return helper.backward([l_mm, l_a, l_v], **kw)
+    return helper.backward(l_mm, {"audio": l_a, "visual": l_v}, **kw)
+
+
+def train(method: str, scenario: str = "plain", rank=None, world=1, mode="plain"):
     """STEPS SGD steps; returns (grads per step, final parameters)."""
     torch.manual_seed(0)
     model = TinyAV(dgl=method == "dgl")
@@ -63,7 +107,7 @@ def train(method: str, rank=None, world=1, mode="plain", bad_rank=None):
     kw = {}
     ddp_calls = []
     if world > 1 and mode == "ddp":
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
         def spy(state, bucket):  # DDP's reducer must stay silent: mmfast communicates
             ddp_calls.append(1)
@@ -78,18 +122,25 @@ def train(method: str, rank=None, world=1, mode="plain", bad_rank=None):
     helper = make(method, model, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grads = []
+    micros = 2 if scenario in ("accum", "global") else 1
     for step in range(STEPS):
-        x_a, x_v, y = batch(step)
-        if rank is not None and world > 1:
-            x_a, x_v, y = (t.chunk(world)[rank] for t in (x_a, x_v, y))
-        if rank is not None and world == 1 and mode == "local":  # one half, no communication
-            x_a, x_v, y = (t.chunk(2)[rank] for t in (x_a, x_v, y))
         opt.zero_grad(set_to_none=True)
-        out, out_a, out_v = net(x_a, x_v)
-        losses = {"audio": ce(out_a, y), "visual": ce(out_v, y)}
-        if bad_rank is not None and rank == bad_rank:
-            losses.pop("visual")  # this rank raises before communicating
-        helper.backward(ce(out, y), losses)
+        for micro in range(micros):
+            x_a, x_v, y = batch(step, micro)
+            if rank is not None and world > 1:
+                x_a, x_v, y = (t.chunk(world)[rank] for t in (x_a, x_v, y))
+            if rank is not None and world == 1 and mode == "local":  # one half, no communication
+                x_a, x_v, y = (t.chunk(2)[rank] for t in (x_a, x_v, y))
+            losses = step_losses(net, x_a, x_v, y, scenario=scenario, step=step, rank=rank, world=world)
+            losses = [loss / micros for loss in losses]
+            last = micro + 1 == micros
+            if scenario == "global":
+                call(helper, method, losses, combine=last)
+            elif last:
+                call(helper, method, losses)
+            else:
+                with helper.no_sync():
+                    call(helper, method, losses)
         grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
         opt.step()
     if ddp_calls:
@@ -97,11 +148,17 @@ def train(method: str, rank=None, world=1, mode="plain", bad_rank=None):
     return grads, [p.detach().clone() for p in model.parameters()]
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mode: str, bad_rank) -> None:
+def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mode: str, scenario: str,
+           bad_rank) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=15))
-        result = train(method, rank, world, mode, bad_rank)
+        if bad_rank is not None and rank == bad_rank:  # this rank raises before communicating
+            model = TinyAV()
+            helper = make(method, model, process_group=dist.group.WORLD)
+            out, out_a, _ = model(*batch(0)[:2])
+            helper.backward(ce(out, batch(0)[2]), {"audio": ce(out_a, batch(0)[2])})
+        result = train(method, scenario, rank, world, mode)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception as e:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

@@ -11,10 +11,10 @@ from dist_worker import STEPS, train, worker
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 
 
-def launch(tmp_path, method, mode, bad_rank=None, timeout=120):
+def launch(tmp_path, method, mode, scenario="plain", bad_rank=None, timeout=120):
     ctx = mp.get_context("spawn")
     init = tmp_path / "init"
-    procs = [ctx.Process(target=worker, args=(r, 2, str(init), str(tmp_path), method, mode, bad_rank))
+    procs = [ctx.Process(target=worker, args=(r, 2, str(init), str(tmp_path), method, mode, scenario, bad_rank))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -38,24 +38,51 @@ def close(x, y, rtol=1e-5):
     return (x - y).abs().max().item() <= rtol * max(y.abs().max().item(), 1e-12)
 
 
+def assert_equal_to_one_process(results, ref_grads, ref_params):
+    for r in range(2):
+        grads, params = results[r]
+        for step in range(STEPS):
+            for i, (g, ref) in enumerate(zip(grads[step], ref_grads[step])):
+                assert (g is None) == (ref is None), (r, step, i)
+                if g is not None:
+                    assert close(g, ref), (r, step, i)
+        for p, ref in zip(params, ref_params):
+            assert close(p, ref), r
+
+
 @pytest.mark.parametrize("mode", ["plain", "ddp"])
-@pytest.mark.parametrize("method", ["mmpareto", "dgl"])
+@pytest.mark.parametrize("method", ["mmpareto", "dgl", "multi"])
 def test_two_ranks_equal_one_process(tmp_path, method, mode):
     ref_grads, ref_params = train(method)
     results, errors = launch(tmp_path, method, mode)
     assert not errors, errors
-    for r in range(2):
-        grads, params = results[r]
-        for step in range(STEPS):
-            for g, ref in zip(grads[step], ref_grads[step]):
-                assert (g is None) == (ref is None)
-                if g is not None:
-                    assert close(g, ref), (r, step)
-        for p, ref in zip(params, ref_params):
-            assert close(p, ref), r
+    assert_equal_to_one_process(results, ref_grads, ref_params)
     # The halves disagree: a per-rank combine without communication would differ.
     local_grads, _ = train(method, rank=0, mode="local")
     assert any(not close(g, ref, rtol=1e-2) for g, ref in zip(local_grads[0], ref_grads[0]) if g is not None)
+
+
+# The loops of tests/test_loops.py, with 2 ranks: accumulation (no_sync; the
+# global-batch form), a modality missing on one rank, a branch taken from step 1 on.
+LOOPS = [("mmpareto", "accum"), ("dgl", "accum"), ("multi", "accum"), ("mmpareto", "global"),
+         ("multi", "global"), ("mmpareto", "missing"), ("dgl", "missing"), ("mmpareto", "branch"),
+         ("dgl", "branch"), ("mmpareto", "branch1")]
+
+
+@pytest.mark.parametrize("method,scenario", LOOPS, ids=[f"{m}-{s}" for m, s in LOOPS])
+def test_training_loops_with_ddp(tmp_path, method, scenario):
+    ref_grads, ref_params = train(method, scenario)
+    results, errors = launch(tmp_path, method, "ddp", scenario)
+    assert not errors, errors
+    assert_equal_to_one_process(results, ref_grads, ref_params)
+
+
+def test_branch_on_one_rank_without_ddp_is_a_clear_error(tmp_path):
+    """With process_group= only, mmfast cannot know a parameter another rank reached:
+    every rank raises, naming the fix (ddp=), instead of hanging or averaging garbage."""
+    results, errors = launch(tmp_path, "mmpareto", "plain", "branch1", timeout=90)
+    assert len(errors) == 2, errors
+    assert all("different parameters with gradients" in e and "ddp=" in e for e in errors.values()), errors
 
 
 def test_a_failing_rank_does_not_hang_the_others(tmp_path):

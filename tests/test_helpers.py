@@ -64,11 +64,12 @@ def test_mmpareto_matches_published_over_sgd_steps(backend, set_to_none):
         x_a, x_v, y = data(step)
         published_mmpareto_step(ref, opt_ref, x_a, x_v, y, step=False)
         opt.zero_grad(set_to_none=set_to_none)
+        before = ours.audio_net[0].weight.grad
         out, out_a, out_v = ours(x_a, x_v)
         stats = mmp.backward(ce(out, y), {"audio": ce(out_a, y), "visual": ce(out_v, y)})
         assert_grads_close(ref, ours)
-        # .grad of a group parameter is a view of the helper's flat buffer: no copy.
-        assert ours.audio_net[0].weight.grad.untyped_storage().data_ptr() == mmp.flat[0].buffers[0].data_ptr()
+        if before is not None:  # as a plain backward: the update is added into the existing .grad
+            assert ours.audio_net[0].weight.grad is before
         conflicts.update(stats.conflict.tolist())
         opt_ref.step()
         opt.step()
@@ -174,7 +175,7 @@ def test_bad_arguments():
         mmfast.MMPareto({"audio": model.audio_net, "visual": list(model.visual_net.parameters()) + [model.audio_net[0].weight]})
     with pytest.raises(TypeError, match=r"groups\['audio'\]: expected an nn.Module or an iterable"):
         mmfast.MMPareto({"audio": 3, "visual": model.visual_net})
-    with pytest.raises(ValueError, match="has no parameter that requires grad"):
+    with pytest.raises(ValueError, match=r"groups\[.audio.\]: has no parameters"):
         mmfast.MMPareto({"audio": [], "visual": model.visual_net})
     with pytest.raises(ValueError, match="loss_mm: does not require grad"):
         mmp.backward(ce(out, y).detach(), {"audio": ce(out_a, y), "visual": ce(out_v, y)})

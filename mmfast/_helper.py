@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from ._backends import BACKENDS, backends
-from ._dist import GradSync
+from ._dist import Averaging, GradSync
 from ._graph import Reach, reach
 from ._groups import Groups, Layout
 
@@ -82,8 +82,10 @@ class GroupHelper:
         self.sync = GradSync(process_group, ddp, owner=self.owner)
         self._in_no_sync = False
         self._window = {}  # leaves the losses reached since the last step-level sync
-        self._acc = None  # global-batch accumulation (combine=False), see _accumulate
+        self._acc = None  # global-batch accumulation (combine=False), see accumulate
         self._warned_opaque = False
+        self._active = None  # (what each hooked parameter feeds, Averaging, acc) during run_passes
+        self._hooks = {}  # id(param) -> (hook handle, param)
 
     # ----------------------------------------------------------------- user API
 
@@ -167,6 +169,10 @@ class GroupHelper:
         for r in reaches:
             self._window.update(r.leaves)
 
+    def end_step(self) -> None:
+        """The step-level work is done (outside ``no_sync``, combined): a new window."""
+        self._window = {}
+
     @staticmethod
     def run(calls: list, keep: bool = False) -> None:
         """Backward of each ``(loss, inputs or None)``, keeping the graph until the last one
@@ -212,47 +218,94 @@ class GroupHelper:
             state[id(p)] = (p, sums, prev[i], _token(p.grad))
         self._acc = state
 
-    @staticmethod
-    def merge_accumulated(params: list, acc: dict | None, grads: list) -> list:
-        """``grads[k][i]`` plus the running sums (in place where both exist)."""
-        if not acc:
-            return grads
-        return [[_add(acc[id(p)][k], g) if id(p) in acc else g for p, g in zip(params, gk)]
-                for k, gk in enumerate(grads)]
+    # ------------------------------------------------------------- the passes
 
-    # ------------------------------------------------------------------ sync
+    def run_passes(self, lay: Layout, passes: list, *, collect: list, acc: dict | None, combine: bool) -> list:
+        """The backward passes of one call, and the communication that goes with them.
 
-    def sync_objectives(self, params: list, grads: list, what: str) -> list:
-        """``grads[k][i]`` averaged across ranks (None where no rank has it)."""
-        if not self.sync.active:
-            return grads
-        flat = [g for k in grads for g in k]
-        likes = [p for _ in grads for p in params]
-        flat = self.sync.mean_like(flat, likes, what)
-        n = len(params)
-        return [flat[k * n:(k + 1) * n] for k in range(len(grads))]
+        ``passes[k] = (calls, reached)``: the backward calls of pass k (see ``run``) and
+        the ids of the leaves they reach (this step's graph). ``collect``: parameters
+        whose gradient is taken out after each pass (one objective per pass), merged
+        with the running sums ``acc``; returns ``grads[k][i]``. Across ranks (when
+        combining) every objective's gradients are averaged, and at the step level
+        (outside ``no_sync``) so are the other gradients, in place: each bucket's
+        all-reduce starts as soon as its gradients are final, during the passes.
+        """
+        K = len(passes)
+        sync_obj = self.sync.active and combine and bool(collect)
+        rest = self.rest_params(lay, skip_members=bool(collect)) if (
+            self.sync.active and combine and not self._in_no_sync) else []
+        streams = ([collect] * K if sync_obj else []) + ([rest] if rest else [])
+        whats = ["the groups' per-objective gradients"] * (K if sync_obj else 0) + ["the other gradients"]
+        avg = Averaging(self.sync, streams, whats) if streams else None
+        r = len(streams) - 1  # the rest's stream
+        last = {pid: k for k, (_, reached) in enumerate(passes) for pid in reached}
+        for j, p in enumerate(rest):
+            if id(p) not in last:  # final already: no pass reaches it
+                avg.ready(r, j, p.grad)
+        if avg is not None:
+            self._hook(collect if sync_obj else [], rest)
+        grads = []
+        for k, (calls, _) in enumerate(passes):
+            if avg is not None:
+                active = {id(p): (k, i) for i, p in enumerate(collect)} if sync_obj else {}
+                active.update({id(p): (r, j) for j, p in enumerate(rest) if last.get(id(p)) == k})
+                self._active = (active, avg, acc)
+            try:
+                self.run(calls, keep=k + 1 < K)
+            finally:
+                self._active = None
+            g = self.take_grads(collect)
+            merged = [avg.values[k][i] if sync_obj and avg.done[k][i] else
+                      (_add(acc[id(p)][k], g[i]) if acc and id(p) in acc else g[i]) for i, p in enumerate(collect)]
+            if sync_obj:
+                avg.ready_all(k, merged)
+            grads.append(merged)
+        if rest:
+            avg.ready_all(r, [p.grad for p in rest])
+        if avg is not None:
+            values = avg.wait()
+            if sync_obj:
+                grads = values[:K]
+            for p, v in zip(rest, values[r] if rest else ()):
+                if p.grad is None and v is not None:
+                    p.grad = v
+        return grads
 
-    def sync_rest(self, lay: Layout, include_members: bool) -> None:
-        """Step-level all-reduce of the other gradients (all but the groups' own unless
-        ``include_members``): DDP's parameters with ``ddp=``, else every leaf the losses
-        reached since the last step-level sync (which every rank must agree on)."""
-        window, self._window = self._window, {}
-        if not self.sync.active:
-            return
-        skip = set() if include_members else set(lay.group_of)
+    def rest_params(self, lay: Layout, skip_members: bool) -> list:
+        """What is averaged at the step level: DDP's parameters with ``ddp=``, else every
+        leaf the losses reached since the last step-level sync (every rank must agree;
+        checked) and the members; without the groups' own if ``skip_members``."""
         params = self.sync.model_params()
         if params is None:
-            params = [t for pid, t in window.items() if t.requires_grad]
-            if include_members:
-                seen = {id(t) for t in params}
-                params += [p for p in lay.params if id(p) not in seen]
-            self.sync.check_same(len(params), sum(p.numel() for p in params), "parameters with gradients",
+            params = [t for t in self._window.values() if t.requires_grad]
+            seen = {id(t) for t in params}
+            params += [p for p in lay.params if id(p) not in seen]
+            self.sync.check_same([p.numel() for p in params], "parameters with gradients",
                                  params[0].device if params else "cpu")
-        params = [p for p in params if id(p) not in skip]
-        grads = self.sync.mean_like([p.grad for p in params], params, "the gradients outside the groups")
-        for p, g in zip(params, grads):
-            if p.grad is None and g is not None:
-                p.grad = g
+        skip = set(lay.group_of) if skip_members else ()
+        return [p for p in params if id(p) not in skip]
+
+    def _hook(self, *lists) -> None:
+        """Post-accumulate-grad hooks on the parameters whose all-reduce may start during
+        a pass (registered once per parameter; they act only inside ``run_passes``)."""
+        for ps in lists:
+            for p in ps:
+                if id(p) not in self._hooks:
+                    self._hooks[id(p)] = (p.register_post_accumulate_grad_hook(self._on_grad), p)
+
+    def _on_grad(self, p) -> None:
+        st = self._active
+        if st is None:
+            return
+        active, avg, acc = st
+        e = active.get(id(p))
+        if e is not None:
+            s, i = e
+            v = p.grad
+            if acc and s < len(avg.streams) - 1 and id(p) in acc:  # an objective stream: add the running sum
+                v = _add(acc[id(p)][s], v)
+            avg.ready(s, i, v)
 
     def clip_params(self, lay: Layout) -> list:
         """Every parameter a loss reached since the last clip, plus the groups' and the

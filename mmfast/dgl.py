@@ -62,12 +62,13 @@ class DGL(GroupHelper):
         to_mm = [t for pid, t in r_mm.leaves.items() if pid not in lay.group_of]
         uni = [loss * self.alpha for loss in unimodal if loss.requires_grad]
         total = sum(uni[1:], uni[0]) if uni else loss_mm.detach()
-        self.run([(total, list(to_uni.values())), (loss_mm, to_mm)])
+        passes = [([(total, list(to_uni.values()))], to_uni), ([(loss_mm, to_mm)], {id(t) for t in to_mm})]
+        self.run_passes(lay, passes, collect=[], acc=None, combine=True)  # (DGL is linear: it just accumulates)
         if self._in_no_sync:
             return None
 
         params = self.clip_params(lay)
-        self.sync_rest(lay, include_members=True)
+        self.end_step()
         grads, groups = [], []
         for p in params:
             if p.grad is None:

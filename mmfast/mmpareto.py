@@ -65,9 +65,9 @@ class MMPareto(GroupHelper):
         if not self.per_loss_backward:
             self.check_disjoint(lay, r_uni)
         # The multimodal loss's graph (the largest) is read only where it is needed: to
-        # know what to average without ddp=, or when no unimodal loss reaches a group.
-        need_mm = (self.sync.active and self.sync.ddp is None) or not any(
-            pid in lay.group_of for r in r_uni for pid in r.leaves)
+        # know when each gradient is final across ranks, or when no unimodal loss reaches
+        # a group (is the helper built for another model?).
+        need_mm = self.sync.active or not any(pid in lay.group_of for r in r_uni for pid in r.leaves)
         reaches = [*self.read_graph([loss_mm]), *r_uni] if need_mm else r_uni
         self.check_reaches_groups(lay, reaches)
         self.note_window(reaches)
@@ -75,26 +75,24 @@ class MMPareto(GroupHelper):
         params = lay.params
         acc = self.take_accumulated(params)  # before .grad is touched: it checks .grad
         prev = self.take_grads(params)
+        if self.per_loss_backward:  # each unimodal loss to its own group and the leaves outside
+            outside = [[t for pid, t in r.leaves.items() if pid not in lay.group_of] for r in r_uni]
+            uni = [(loss, list(lay.members[m]) + outside[m]) for m, loss in enumerate(unimodal)]
+        else:
+            uni = [(_sum(unimodal), None)]
+        passes = [([(loss_mm, None)], reaches[0].leaves if need_mm else ()),
+                  (uni, {pid for r in r_uni for pid in r.leaves})]
         try:
-            self.run([(loss_mm, None)], keep=True)
-            a = self.take_grads(params)
-            if self.per_loss_backward:  # each loss to its own group and the leaves outside
-                outside = [[t for pid, t in r.leaves.items() if pid not in lay.group_of] for r in r_uni]
-                self.run([(loss, list(lay.members[m]) + outside[m]) for m, loss in enumerate(unimodal)])
-            else:
-                self.run([(_sum(unimodal), None)])
-            b = self.take_grads(params)
+            a, b = self.run_passes(lay, passes, collect=params, acc=acc, combine=combine)
         except BaseException:
             for p, g in zip(params, prev):
                 p.grad = g
             raise
-        a, b = self.merge_accumulated(params, acc, [a, b])
         if not combine:
             self.accumulate(params, [a, b], prev)
             return None
-        a, b = self.sync_objectives(params, [a, b], "the groups' per-objective gradients")
         if not self._in_no_sync:
-            self.sync_rest(lay, include_members=False)
+            self.end_step()
         stats, present = apply_update(
             params, lay.group_ids, [a, b], prev, self.names,
             lambda g, ids: combine_(g[0], g[0], g[1], groups=ids, gamma=self.gamma, backend=self.backend))

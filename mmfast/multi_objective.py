@@ -65,22 +65,18 @@ class MultiObjective(GroupHelper):
         params = lay.params
         acc = self.take_accumulated(params)
         prev = self.take_grads(params)
-        grads = []
+        passes = [([(loss, None)], r.leaves) for loss, r in zip(losses, reaches)]
         try:
-            for k, loss in enumerate(losses):
-                self.run([(loss, None)], keep=any(x.requires_grad for x in losses[k + 1:]))
-                grads.append(self.take_grads(params))
+            grads = self.run_passes(lay, passes, collect=params, acc=acc, combine=combine)
         except BaseException:
             for p, g in zip(params, prev):
                 p.grad = g
             raise
-        grads = self.merge_accumulated(params, acc, grads)
         if not combine:
             self.accumulate(params, grads, prev)
             return None
-        grads = self.sync_objectives(params, grads, "the groups' per-objective gradients")
         if not self._in_no_sync:
-            self.sync_rest(lay, include_members=False)
+            self.end_step()
         stats, present = apply_update(
             params, lay.group_ids, grads, prev, self.names,
             lambda g, ids: aggregate_(g[0], g, weighting=self.weighting, groups=ids, backend=self.backend,

@@ -11,13 +11,19 @@ from torch import nn
 
 
 class Layout(NamedTuple):
-    """One step's members: ``members[g]`` the parameters of group g that require grad."""
+    """One step's members: ``members[g]`` the parameters of group g that require grad.
+
+    Under FSDP2 (``fully_shard``) a member is the *sharded* parameter (a DTensor, where
+    FSDP puts the reduced gradient), while the autograd graph holds the unsharded one:
+    ``group_of``, ``labels`` and ``leaf`` know both, so a graph leaf maps to its member.
+    """
 
     names: tuple  # group names, in the order given
     members: tuple  # per group, a tuple of parameters
-    labels: dict  # id(param) -> "group.sub.name", for messages
-    group_of: dict  # id(param) -> group index
+    labels: dict  # id(param or its unsharded alias) -> "group.sub.name", for messages
+    group_of: dict  # id(param or its unsharded alias) -> group index
     extra: dict  # name -> tuple of parameters (DGL's fusion module)
+    leaf: dict  # id(unsharded parameter) -> its sharded parameter (FSDP2; empty without)
 
     @property
     def params(self) -> list:
@@ -86,20 +92,22 @@ class Groups:
 
     def resolve(self) -> Layout:
         """This step's members; labelled and checked again only when they changed."""
+        fsdp = fsdp_params(self.specs.values())
         found = {}
         for name, spec in self.specs.items():
             mods = [spec] if isinstance(spec, nn.Module) else spec
             ps = []
             for x in mods:
                 ps.extend(x.parameters() if isinstance(x, nn.Module) else (x,))
-            found[name] = ps
-        key = tuple((id(p), p.requires_grad) for ps in found.values() for p in ps)
+            found[name] = [fsdp[id(p)].sharded_param if id(p) in fsdp else p for p in ps]
+        key = tuple((id(p), p.requires_grad) for ps in found.values() for p in ps) + tuple(fsdp)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         sets = {}
         for name, spec in self.specs.items():
             seen, members = set(), []
             for label, p in _items(name, spec):
+                p = fsdp[id(p)].sharded_param if id(p) in fsdp else p
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     members.append((label, p))
@@ -112,15 +120,56 @@ class Groups:
                 if id(p) in owner:
                     raise ValueError(f"{label}: this parameter is in two groups, {owner[id(p)]!r} and {name!r}")
                 owner[id(p)] = name
+        leaf = {}
+        for fp in {id(fp): fp for fp in fsdp.values()}.values():
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None and unsharded is not fp.sharded_param:
+                leaf[id(unsharded)] = fp.sharded_param
+        labels = {id(p): label for ms in sets.values() for label, p in ms}
+        group_of = {id(p): g for g, n in enumerate(self.names) for _, p in sets[n]}
+        for k, v in leaf.items():
+            if id(v) in group_of:
+                labels[k] = labels[id(v)]
+                group_of[k] = group_of[id(v)]
         lay = Layout(
             names=self.names,
             members=tuple(tuple(p for _, p in sets[n]) for n in self.names),
-            labels={id(p): label for ms in sets.values() for label, p in ms},
-            group_of={id(p): g for g, n in enumerate(self.names) for _, p in sets[n]},
+            labels=labels,
+            group_of=group_of,
             extra={n: tuple(p for _, p in sets[n]) for n in self.extra_names},
+            leaf=leaf,
         )
-        self._last = (key, lay, found)  # (found keeps the keyed parameters alive: ids stay unique)
+        self._last = (key, lay, found, fsdp)  # (keeps the keyed objects alive: their ids stay unique)
         return lay
 
     def __getstate__(self):
         return {**self.__dict__, "_last": None}  # ids are not meaningful in another process
+
+
+def fsdp_params(specs) -> dict:
+    """``{id(sharded or unsharded parameter): FSDPParam}`` for every parameter of the FSDP2
+    tree that the modules of the given specs belong to (``fully_shard`` on each group
+    module, as FSDP2 recommends; the root's state lists the whole tree after the first
+    forward)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return {}
+    states = {}
+    for spec in specs:
+        for top in ([spec] if isinstance(spec, nn.Module) else [x for x in spec if isinstance(x, nn.Module)]):
+            for m in top.modules():
+                if isinstance(m, FSDPModule):
+                    st = m._get_fsdp_state()  # FSDP2's private state (torch >= 2.6)
+                    states[id(st)] = st
+                    for other in getattr(getattr(st, "_state_ctx", None), "all_states", ()):
+                        states[id(other)] = other
+    out = {}
+    for st in states.values():
+        group = st._fsdp_param_group
+        for fp in (group.fsdp_params if group is not None else ()):
+            out[id(fp.sharded_param)] = fp
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None:
+                out[id(unsharded)] = fp
+    return out

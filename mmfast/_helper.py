@@ -21,6 +21,7 @@ from ._backends import BACKENDS, backends
 from ._dist import Averaging, GradSync
 from ._graph import Reach, reach
 from ._groups import Groups, Layout
+from ._sharded import is_sharded
 
 _NOTHING = Reach({}, False)
 
@@ -311,7 +312,8 @@ class GroupHelper:
         """Every parameter a loss reached since the last clip, plus the groups' and the
         extra sets' members: what ``clip_grad_norm_(model.parameters())`` would see."""
         seen, out = set(), []
-        for t in list(lay.params) + [p for ps in lay.extra.values() for p in ps] + list(self._window.values()):
+        window = [lay.leaf.get(id(t), t) for t in self._window.values()]  # FSDP2: where the gradient went
+        for t in list(lay.params) + [p for ps in lay.extra.values() for p in ps] + window:
             if id(t) not in seen and t.requires_grad:
                 seen.add(id(t))
                 out.append(t)
@@ -336,6 +338,11 @@ def apply_update(params, group_ids, grads, prev, names, op):
     for i in keep:
         like = next(gk[i] for gk in grads if gk[i] is not None)
         full = [gk[i] if gk[i] is not None else torch.zeros_like(like) for gk in grads]
+        if is_sharded(like):  # FSDP2: the op works on the local shards itself
+            outs.append(full[0])
+            for k, x in enumerate(full):
+                flat[k].append(x)
+            continue
         views = [dense_1d(x) for x in full]
         if any(v is None for v in views) or any(x.stride() != full[0].stride() for x in full):  # rare layouts
             views = [x.contiguous().view(-1) for x in full]

@@ -21,6 +21,7 @@ import torch
 
 from ._clip import clip_grad_norm_
 from ._helper import GroupHelper, check_number, dense_1d
+from ._sharded import clip_sharded_, is_sharded
 from ._stats import DGLStats
 
 
@@ -55,6 +56,7 @@ class DGL(GroupHelper):
         unimodal = self.check_losses(loss_mm, losses)
         lay = self.groups.resolve()
         fusion = {id(p) for p in lay.extra["fusion"]}
+        fusion |= {k for k, v in lay.leaf.items() if id(v) in fusion}  # FSDP2: the unsharded leaves too
         r_mm, *r_uni = self.read_graph([loss_mm, *unimodal])
         self.check_reaches_groups(lay, [r_mm, *r_uni])
         self.note_window([r_mm, *r_uni])
@@ -73,6 +75,10 @@ class DGL(GroupHelper):
         for p in params:
             if p.grad is None:
                 continue
+            if is_sharded(p.grad):  # FSDP2: clipped on the local shards (below)
+                grads.append(p.grad)
+                groups.append(lay.group_of.get(id(p), -1))
+                continue
             flat = dense_1d(p.grad)
             if flat is None:  # a rare layout: clip a contiguous copy, then write it back
                 p.grad = p.grad.contiguous()
@@ -83,7 +89,10 @@ class DGL(GroupHelper):
             zero = torch.zeros((), dtype=torch.float64)
             return DGLStats(torch.zeros(len(self.names), dtype=torch.float64), zero, torch.ones_like(zero),
                             torch.ones((), dtype=torch.bool), tuple(self.names))
-        clip = clip_grad_norm_(grads, self.max_norm, groups=groups, backend=self.backend)
+        if any(is_sharded(g) for g in grads):
+            clip = clip_sharded_(grads, groups, self.max_norm, owner=self.owner)
+        else:
+            clip = clip_grad_norm_(grads, self.max_norm, groups=groups, backend=self.backend)
         group_sq = clip.group_sq
         if group_sq.numel() < len(self.names):  # trailing groups without gradients this step
             group_sq = torch.cat([group_sq, group_sq.new_zeros(len(self.names) - group_sq.numel())])

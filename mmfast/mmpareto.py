@@ -19,6 +19,7 @@ import torch
 
 from ._combine import combine_
 from ._helper import GroupHelper, apply_update, check_number
+from ._sharded import combine_sharded_, is_sharded
 from ._stats import CombineStats
 
 
@@ -75,9 +76,9 @@ class MMPareto(GroupHelper):
         params = lay.params
         acc = self.take_accumulated(params)  # before .grad is touched: it checks .grad
         prev = self.take_grads(params)
-        if self.per_loss_backward:  # each unimodal loss to its own group and the leaves outside
-            outside = [[t for pid, t in r.leaves.items() if pid not in lay.group_of] for r in r_uni]
-            uni = [(loss, list(lay.members[m]) + outside[m]) for m, loss in enumerate(unimodal)]
+        if self.per_loss_backward:  # each unimodal loss to its own group's leaves and those outside
+            uni = [(loss, [t for pid, t in r.leaves.items() if lay.group_of.get(pid, m) == m])
+                   for m, (loss, r) in enumerate(zip(unimodal, r_uni))]
         else:
             uni = [(_sum(unimodal), None)]
         passes = [([(loss_mm, None)], reaches[0].leaves if need_mm else ()),
@@ -93,10 +94,14 @@ class MMPareto(GroupHelper):
             return None
         if not self._in_no_sync:
             self.end_step()
-        stats, present = apply_update(
-            params, lay.group_ids, [a, b], prev, self.names,
-            lambda g, ids: combine_(g[0], g[0], g[1], groups=ids, gamma=self.gamma, backend=self.backend))
+        stats, present = apply_update(params, lay.group_ids, [a, b], prev, self.names, self._combine)
         return (stats or empty_stats())._replace(names=present)
+
+
+    def _combine(self, g: list, ids: list):
+        if any(is_sharded(x) for x in g[0]):  # FSDP2: local shards, Gram terms summed across them
+            return combine_sharded_(g[0], g[1], ids, gamma=self.gamma, owner=self.owner)
+        return combine_(g[0], g[0], g[1], groups=ids, gamma=self.gamma, backend=self.backend)
 
 
 def _sum(losses: list):

@@ -13,6 +13,13 @@ Scenarios (the loops of tests/test_loops.py, distributed):
   single-process equivalent is the visual loss of rank 0's half, halved.
 * ``branch``: from step 1 on, an extra head joins the multimodal loss (every rank).
 * ``branch1``: the extra head is used on rank 0 only (a data-dependent branch).
+* ``uneven``: the last step's batch has 15 samples (8 on rank 0, 7 on rank 1); as with
+  plain DDP each rank's losses are means over its own samples and the gradients are
+  averaged, so the reference averages the two halves' losses.
+
+Modes: ``plain`` (``process_group=``), ``ddp`` (``ddp=``), ``fsdp`` (``fully_shard`` on
+each encoder, then on the model) and ``fsdp-mp`` (the same with bf16 parameters and
+fp32 reduction, ``MixedPrecisionPolicy``).
 """
 from __future__ import annotations
 
@@ -83,6 +90,8 @@ def step_losses(net, x_a, x_v, y, *, scenario, step, rank, world):
         # rank 0's half takes the branch; the reference: the first half of the batch
         extra = rank == 0 if world > 1 else torch.arange(len(y)) < len(y) // 2
     out, out_a, out_v = net(x_a, x_v, extra=extra)
+    if scenario == "uneven" and step == STEPS - 1 and world == 1:  # the mean of the two ranks' means
+        return tuple((ce(o[:8], y[:8]) + ce(o[8:], y[8:])) / 2 for o in (out, out_a, out_v))
     l_mm, l_a, l_v = ce(out, y), ce(out_a, y), ce(out_v, y)
     if scenario == "missing" and step == 1:
         if world > 1 and rank == 1:
@@ -119,6 +128,13 @@ def train(method: str, scenario: str = "plain", rank=None, world=1, mode="plain"
         kw["ddp"] = net
     elif world > 1 and mode == "plain":
         kw["process_group"] = dist.group.WORLD
+    elif world > 1 and mode.startswith("fsdp"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if mode == "fsdp-mp" else MixedPrecisionPolicy()
+        for m in (model.audio_net, model.visual_net, model):
+            fully_shard(m, mp_policy=policy)
     helper = make(method, model, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grads = []
@@ -127,6 +143,8 @@ def train(method: str, scenario: str = "plain", rank=None, world=1, mode="plain"
         opt.zero_grad(set_to_none=True)
         for micro in range(micros):
             x_a, x_v, y = batch(step, micro)
+            if scenario == "uneven" and step == STEPS - 1:
+                x_a, x_v, y = x_a[:15], x_v[:15], y[:15]
             if rank is not None and world > 1:
                 x_a, x_v, y = (t.chunk(world)[rank] for t in (x_a, x_v, y))
             if rank is not None and world == 1 and mode == "local":  # one half, no communication
@@ -141,11 +159,72 @@ def train(method: str, scenario: str = "plain", rank=None, world=1, mode="plain"
             else:
                 with helper.no_sync():
                     call(helper, method, losses)
-        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+        grads.append([full(p.grad) for p in model.parameters()])
         opt.step()
     if ddp_calls:
         raise AssertionError(f"DDP's reducer communicated {len(ddp_calls)} times")
-    return grads, [p.detach().clone() for p in model.parameters()]
+    return grads, [full(p.detach()) for p in model.parameters()]
+
+
+def full(t):
+    """A plain copy of a tensor, gathered if it is a sharded DTensor (a collective)."""
+    if t is None:
+        return None
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().clone()
+
+
+def check_fsdp_mp(method: str, rank: int, world: int) -> float:
+    """With bf16 parameters no single process reproduces FSDP's numbers, so the helper is
+    checked against the definition on the gradients FSDP itself produces for each loss
+    (plain backward passes, gathered), on the same forward: the largest difference
+    relative to the largest expected gradient, over STEPS steps."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = TinyAV(dgl=method == "dgl")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for m in (model.audio_net, model.visual_net, model):
+        fully_shard(m, mp_policy=policy)
+    helper = make(method, model)
+    params = list(model.parameters())
+    enc = {id(p): g for g, m in enumerate((model.audio_net, model.visual_net)) for p in m.parameters()}
+    fusion = {id(p) for p in model.fusion_module.parameters()}
+    opt = torch.optim.SGD(params, lr=0.5)
+    worst = 0.0
+    for step in range(STEPS):
+        x_a, x_v, y = (t.chunk(world)[rank] for t in batch(step))
+        per_loss = []
+        for pick in ((0,), (1, 2)):  # L_mm, then the unimodal losses
+            model.zero_grad(set_to_none=True)
+            losses = [ce(o, y) for o in model(x_a, x_v)]
+            (sum(losses[i] for i in pick) * (4.0 if method == "dgl" and pick != (0,) else 1.0)).backward()
+            per_loss.append([full(p.grad) for p in params])
+        used = [i for i in range(len(params)) if per_loss[0][i] is not None or per_loss[1][i] is not None]
+        a, b = ([g if g is not None else torch.zeros_like(full(params[i])) for i, g in enumerate(gs)] for gs in per_loss)
+        if method == "mmpareto":
+            ids = [i for i, p in enumerate(params) if id(p) in enc]
+            out = [torch.empty_like(a[i]) for i in ids]
+            mmfast.combine_(out, [a[i] for i in ids], [b[i] for i in ids], groups=[enc[id(params[i])] for i in ids],
+                            backend="torch")
+            want = [a[i] + b[i] for i in range(len(params))]
+            for j, i in enumerate(ids):
+                want[i] = out[j]
+        else:  # DGL: encoders alpha * b, fusion a, then the clip over everything
+            want = [b[i] if id(p) in enc else a[i] if id(p) in fusion else a[i] + b[i] for i, p in enumerate(params)]
+            total = torch.stack([w.double().norm() for w in want]).norm()
+            coef = min(1.0, 0.5 / (float(total) + 1e-6))
+            want = [w * coef for w in want]
+        model.zero_grad(set_to_none=True)
+        out, out_a, out_v = model(x_a, x_v)
+        helper.backward(ce(out, y), {"audio": ce(out_a, y), "visual": ce(out_v, y)})
+        got = [full(p.grad) for p in params]
+        assert [i for i, g in enumerate(got) if g is not None] == used
+        scale = max(float(want[i].abs().max()) for i in used)
+        worst = max(worst, max(float((got[i] - want[i]).abs().max()) for i in used) / scale)
+        opt.step()
+    return worst
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mode: str, scenario: str,
@@ -158,7 +237,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mod
             helper = make(method, model, process_group=dist.group.WORLD)
             out, out_a, _ = model(*batch(0)[:2])
             helper.backward(ce(out, batch(0)[2]), {"audio": ce(out_a, batch(0)[2])})
-        result = train(method, scenario, rank, world, mode)
+        result = check_fsdp_mp(method, rank, world) if mode == "fsdp-mp" else train(method, scenario, rank, world, mode)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception as e:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

@@ -38,16 +38,16 @@ def close(x, y, rtol=1e-5):
     return (x - y).abs().max().item() <= rtol * max(y.abs().max().item(), 1e-12)
 
 
-def assert_equal_to_one_process(results, ref_grads, ref_params):
+def assert_equal_to_one_process(results, ref_grads, ref_params, rtol=1e-5):
     for r in range(2):
         grads, params = results[r]
         for step in range(STEPS):
             for i, (g, ref) in enumerate(zip(grads[step], ref_grads[step])):
                 assert (g is None) == (ref is None), (r, step, i)
                 if g is not None:
-                    assert close(g, ref), (r, step, i)
+                    assert close(g, ref, rtol), (r, step, i)
         for p, ref in zip(params, ref_params):
-            assert close(p, ref), r
+            assert close(p, ref, rtol), r
 
 
 @pytest.mark.parametrize("mode", ["plain", "ddp"])
@@ -73,6 +73,32 @@ LOOPS = [("mmpareto", "accum"), ("dgl", "accum"), ("multi", "accum"), ("mmpareto
 def test_training_loops_with_ddp(tmp_path, method, scenario):
     ref_grads, ref_params = train(method, scenario)
     results, errors = launch(tmp_path, method, "ddp", scenario)
+    assert not errors, errors
+    assert_equal_to_one_process(results, ref_grads, ref_params)
+
+
+@pytest.mark.parametrize("method", ["mmpareto", "dgl"])
+def test_fsdp2_equals_one_process(tmp_path, method):
+    """fully_shard on each encoder and the model: 2 ranks with half the batch each give the
+    published step on the whole batch (gathered for the comparison), within 3e-5."""
+    ref_grads, ref_params = train(method)
+    results, errors = launch(tmp_path, method, "fsdp")
+    assert not errors, errors
+    assert_equal_to_one_process(results, ref_grads, ref_params, rtol=3e-5)
+
+
+@pytest.mark.parametrize("method", ["mmpareto", "dgl"])
+def test_fsdp2_mixed_precision(tmp_path, method):
+    """bf16 parameters, fp32 reduction: the definition on the gradients FSDP produces."""
+    results, errors = launch(tmp_path, method, "fsdp-mp")
+    assert not errors, errors
+    # the same bf16 forward and backward on both sides; only the combine's own rounding differs
+    assert results[0] <= 1e-5 and results[1] <= 1e-5, results
+
+
+def test_uneven_last_batch(tmp_path):
+    ref_grads, ref_params = train("mmpareto", "uneven")
+    results, errors = launch(tmp_path, "mmpareto", "ddp", "uneven")
     assert not errors, errors
     assert_equal_to_one_process(results, ref_grads, ref_params)
 

@@ -15,7 +15,11 @@ part of the all-reduces that the backward passes did not hide.
   objectives must be global before the Gram pass), each bucket all-reduced as soon as
   it is final, during the two backward passes.
 * dgl-ddp: ``mmfast.DGL(..., ddp=model)``: the same bytes as plain DDP.
-* fsdp2 rows, when the helpers support ``fully_shard``: see the README.
+* fsdp2-uniform, mmpareto-fsdp2, dgl-fsdp2: ``fully_shard`` on each encoder and on
+  the model. FSDP all-gathers the parameters (forward, and again in each backward
+  pass) and reduce-scatters each pass's gradients; mmfast adds an all-reduce of 3
+  numbers per encoder tensor (MMPareto) or one per tensor (DGL's clip). Without
+  communication these run on the plain module.
 
 Target (BENCHMARKS.md): mmfast's exposed communication at most 1.5x plain DDP's.
 """
@@ -40,7 +44,7 @@ from mmfast.models import resnet18_av, resnet18_av_dgl  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 BATCH, CLASSES = 8, 6
-VARIANTS = ("ddp-uniform", "mmpareto-ddp", "dgl-ddp")
+VARIANTS = ("ddp-uniform", "mmpareto-ddp", "dgl-ddp", "fsdp2-uniform", "mmpareto-fsdp2", "dgl-fsdp2")
 
 
 def batch(seed: int, rank: int, world: int):
@@ -53,13 +57,22 @@ def batch(seed: int, rank: int, world: int):
 
 def make_step(variant: str, comm: bool, rank: int, world: int):
     torch.manual_seed(0)
-    method = variant.split("-")[0]
+    method, how = variant.split("-")
+    if method in ("ddp", "fsdp2"):
+        method, how = "uniform", method
     model = resnet18_av_dgl(CLASSES) if method == "dgl" else resnet18_av(CLASSES)
-    net = nn.parallel.DistributedDataParallel(model) if comm else model
+    net, kw = model, {}
+    if comm and how == "ddp":
+        net = nn.parallel.DistributedDataParallel(model)
+        kw = {"ddp": net}
+    elif comm and how == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in (model.audio_net, model.visual_net, model):
+            fully_shard(m)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x_a, x_v, y = batch(0, rank, world)
     groups = {"audio": model.audio_net, "visual": model.visual_net}
-    kw = {"ddp": net} if comm else {}
     if method == "mmpareto":
         helper = mmfast.MMPareto(groups, **kw)
     elif method == "dgl":
@@ -68,7 +81,7 @@ def make_step(variant: str, comm: bool, rank: int, world: int):
     def step():
         opt.zero_grad(set_to_none=True)
         out, out_a, out_v = net(x_a, x_v)
-        if method == "ddp":
+        if method == "uniform":
             (ce(out, y) + ce(out_a, y) + ce(out_v, y)).backward()
         else:
             helper.backward(ce(out, y), {"audio": ce(out_a, y), "visual": ce(out_v, y)})
@@ -107,17 +120,16 @@ def main():
     print(f"# torch {torch.__version__}, 2 gloo ranks x 1 thread, batch {BATCH} split over the ranks, "
           f"median of {args.reps}")
     print()
-    print("| variant | step ms | without communication ms | exposed communication ms | vs plain DDP |")
+    print("| variant | step ms | without communication ms | exposed communication ms | vs its plain baseline |")
     print("|---|---:|---:|---:|---:|")
-    base = med[("ddp-uniform", True)] - med[("ddp-uniform", False)]
-    rows = {}
+    exposed = {v: med[(v, True)] - med[(v, False)] for v in VARIANTS}
     for v in VARIANTS:
-        exposed = med[(v, True)] - med[(v, False)]
-        rows[v] = exposed
-        print(f"| {v} | {med[(v, True)] * 1e3:.0f} | {med[(v, False)] * 1e3:.0f} | {exposed * 1e3:.0f} | "
-              f"{exposed / base:.2f}x |" if base > 0 else f"| {v} | ... | | {exposed * 1e3:.0f} | n/a |")
+        base = exposed["fsdp2-uniform" if "fsdp2" in v else "ddp-uniform"]
+        vs = f"{exposed[v] / base:.2f}x" if base > 0 else "n/a"
+        print(f"| {v} | {med[(v, True)] * 1e3:.0f} | {med[(v, False)] * 1e3:.0f} | {exposed[v] * 1e3:.0f} | {vs} |")
     print()
-    ratio = rows["mmpareto-ddp"] / base if base > 0 else float("inf")
+    base = exposed["ddp-uniform"]
+    ratio = exposed["mmpareto-ddp"] / base if base > 0 else float("inf")
     print("| target | measured | goal | met |")
     print("|---|---:|---:|---|")
     print(f"| MMPareto exposed communication vs plain DDP's | {ratio:.2f}x | <= 1.5x | "

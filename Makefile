@@ -52,7 +52,7 @@ test-isa: setup
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-only
 
-cuda-check:
+cuda-check:  # MMFAST_CUDA_VENV=/path reuses a venv with a CUDA torch (see .ci/cuda_check.sh)
 	bash .ci/cuda_check.sh
 
 clean:

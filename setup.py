@@ -47,7 +47,7 @@ def cuda_decision():
 
 
 def extension():
-    cpu_sources = rel("csrc/module.cpp") + rel("csrc/cpu/*.cpp")
+    cpu_sources = rel("csrc/module.cpp") + rel("csrc/args.cpp") + rel("csrc/cpu/*.cpp")
     build_cuda, why = cuda_decision()
     print(f"mmfast: CUDA kernels {'ON' if build_cuda else 'OFF'} ({why})")
     if not build_cuda:

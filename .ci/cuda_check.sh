@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Proves the CUDA extension builds, links and imports on a machine without a GPU,
 # and that asking for it fails with a clear error. Skips (exit 0) without nvcc.
+#
+# MMFAST_CUDA_VENV=/path/to/venv reuses an existing venv holding a CUDA build of torch
+# (for example /work/cuda-venv); otherwise .venv-cuda is created here (5.5 GB download).
+# The extension is built in a temporary copy and imported from there: nothing is
+# installed into the venv, so a shared one is left as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -9,25 +14,30 @@ if ! command -v nvcc >/dev/null && [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   exit 0
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
-venv=.venv-cuda
-if [ ! -f "$venv/.ready" ]; then
+venv=${MMFAST_CUDA_VENV:-.venv-cuda}
+if [ -n "${MMFAST_CUDA_VENV:-}" ]; then
+  [ -x "$venv/bin/python" ] || { echo "cuda-check: MMFAST_CUDA_VENV=$venv has no bin/python" >&2; exit 1; }
+elif [ ! -f "$venv/.ready" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q torch==2.14.1 numpy ninja setuptools wheel
   touch "$venv/.ready"
 fi
+py=$(cd "$venv" && pwd)/bin/python
 # Build from a copy, so the CPU build in the working tree is left alone.
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 cp -r csrc mmfast kernels setup.py pyproject.toml README.md "$src"/
 rm -f "$src"/mmfast/_C*.so
-(cd "$src" && MMFAST_CUDA=1 MAX_JOBS=2 TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
-  "$OLDPWD/$venv/bin/pip" install -q --no-build-isolation --no-deps --force-reinstall .)
-cd "$src/.." && "$OLDPWD/$venv/bin/python" - <<'PY'
+(cd "$src" && MMFAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"} \
+  "$py" setup.py -q build_ext --inplace)
+ln -s ../kernels "$src/mmfast/kernels"  # setup.py maps mmfast.kernels to kernels/
+cd "$src" && PYTHONPATH="$src" PYTHONNOUSERSITE=1 "$py" - <<'PY'
 import torch
 import mmfast
 from mmfast._backends import _C
 
+assert mmfast.__file__.startswith(__import__("os").getcwd()), mmfast.__file__
 assert torch.version.cuda, "the cuda-check venv must hold a CUDA build of torch"
 assert _C.cuda_built(), "mmfast._C was built without its CUDA kernels"
 for op in ("mmfast::combine_", "mmfast::clip_", "mmfast::gram_k", "mmfast::combine_k_"):

@@ -1,9 +1,13 @@
 // The mmfast._C extension: defines the mmfast operators (backends register their
-// kernels in their own files) and a little introspection for Python.
+// kernels in their own files), their autograd bookkeeping, and a little introspection
+// for Python.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "args.h"
 #include "cpu/kernels.h"
+#include "precision.h"
 
 TORCH_LIBRARY(mmfast, m) {
   // groups: one id per tensor, -1 outside every group. fusion: 0/1 per tensor (DGL).
@@ -23,9 +27,51 @@ TORCH_LIBRARY(mmfast, m) {
 
 namespace mmfast {
 bool cuda_built();
+
+namespace {
+
+// What torch's generated ADInplaceOrView kernels do for in-place ops: bump the version
+// counter of every tensor the op writes (the schema's Tensor(a!)[] arguments), so autograd
+// notices when a tensor saved for backward is overwritten; then run the backend kernel.
+// (Custom ops registered for CPU/CUDA only get a fallthrough here, which bumps nothing.)
+void bump_then_redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    if (alias && alias->isWrite()) {
+      const c10::IValue& v = (*stack)[first + i];
+      if (v.isTensorList()) bump_versions(v.toTensorList().vec());
+      else if (v.isTensor()) bump_versions({v.toTensor()});
+    }
+  }
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+// mmfast/_args.py's entry to the argument contract for the backends that are not an
+// operator of this extension (torch, foreach, triton): the first n_written lists are written.
+int64_t check_args_py(const std::vector<std::string>& names, const std::vector<std::vector<at::Tensor>>& lists,
+                      int64_t n_written, const std::vector<int64_t>& groups, const std::vector<int64_t>& fusion) {
+  std::vector<NamedList> named;
+  named.reserve(lists.size());
+  for (size_t l = 0; l < lists.size(); ++l)
+    named.push_back({names.at(l), lists[l], static_cast<int64_t>(l) < n_written});
+  return check_args(named, groups, fusion);
+}
+
+}  // namespace
+}  // namespace mmfast
+
+TORCH_LIBRARY_IMPL(mmfast, ADInplaceOrView, m) {
+  for (const char* name : {"combine_", "clip_", "combine_k_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mmfast::bump_then_redispatch>());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_level", &mmfast::cpu::simd_level, "Instruction set the CPU kernels dispatch to on this machine.");
   m.def("cuda_built", &mmfast::cuda_built, "Whether this build includes the CUDA kernels.");
+  m.def("check_args", &mmfast::check_args_py, "The argument contract of the mmfast ops (csrc/args.h).");
+  m.def("constants", []() {
+    return std::map<std::string, double>{{"chunk", static_cast<double>(mmfast::kChunk)}, {"zero_tol", mmfast::kZeroTol}};
+  }, "The precision constants of csrc/precision.h (mmfast/reference.py holds the same).");
 }

@@ -3,9 +3,14 @@
 One launch per pass covers every tensor of every group. A chunk table built on the
 host from the tensors' addresses (cached per layout, moved to the device once)
 gives each program its chunk: int64 element offsets from a base tensor per
-operand, and the chunk's length. Partial sums are written per chunk (fp32 within a
-chunk, one program each) and reduced on the device in fp64 and in a fixed order:
-no atomics, the same bits on every run. The weights and scales are device-side
+operand, and the chunk's length. Partial sums are written per chunk and reduced on
+the device in a fixed order: no atomics, the same bits on every run.
+
+Precision (SEMANTICS.md): products and sums in fp64 (fp32 products are exact in fp64),
+``ca a + cb b`` formed in fp64 with fp64 coefficients. On a GPU this is plain fp64, not
+a compensated fp32 sum: the passes are memory-bound (three fp64 FMAs per 8 bytes read),
+which data-centre GPUs (fp64 at half the fp32 rate) absorb; a consumer GPU (1/64 rate)
+would be compute-bound here, which is the price of exactness. The weights and scales are device-side
 torch ops (mmfast._device_math) read by the combine kernel through pointers, so
 nothing here synchronises the host and the whole combine can be captured in a CUDA
 graph.
@@ -19,13 +24,27 @@ import triton
 import triton.language as tl
 
 from mmfast._args import CombineArgs
-from mmfast._device_math import MODE_AB, group_sums, mmpareto_coefficients, role_coefficients
+from mmfast._device_math import group_layout, mmpareto_coefficients
 from mmfast._stats import CombineStats
-from mmfast.reference import clip_coefficient, group_stats
+from mmfast.reference import CHUNK, clip_coefficient, group_stats
 
-CHUNK = 16384  # elements per program: part of the result's definition (fp32 partials)
-BLOCK = 1024
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.float32, torch.float16: tl.float32}
+BLOCK = 1024  # lanes per program: 32 products per lane per chunk, then a tree (ZERO_TOL's depth)
+_ACC = tl.float64
+
+
+@triton.jit
+def _to_storage(v, ty: tl.constexpr):
+    """``v`` rounded to the storage type ``ty`` through fp32 (as the other backends): to
+    nearest even. bfloat16 by integer rounding (the interpreter's own cast truncates)."""
+    if ty == tl.float64:
+        return v.to(tl.float64)
+    f = v.to(tl.float32)
+    if ty == tl.bfloat16:
+        u = f.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(f != f, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return f.to(ty)
 
 
 @triton.jit
@@ -79,7 +98,8 @@ def _combine_kernel(a_base, b_base, o_base, table, ca_ptr, cb_ptr, mode_ptr, par
         x = tl.load(a_base + a_off + i, mask=m & (use_a | WITH_GRAM), other=0.0).to(ACC)
         y = tl.load(b_base + b_off + i, mask=m & (use_b | WITH_GRAM), other=0.0).to(ACC)
         v = tl.where(use_a, ca * x, 0.0) + tl.where(use_b, cb * y, 0.0)
-        tl.store(o_base + o_off + i, v.to(o_base.dtype.element_ty), mask=m)
+        # Rounded through fp32, as the other backends (and torch's own fp64 -> half casts).
+        tl.store(o_base + o_off + i, _to_storage(v, o_base.dtype.element_ty), mask=m)
         s_sq += v * v
         if WITH_GRAM:
             s_aa += x * x
@@ -98,14 +118,14 @@ def _scale_kernel(o_base, table, coef_ptr, ACC: tl.constexpr, BLOCK: tl.constexp
     c = tl.program_id(0)
     o_off = tl.load(table + c * 5 + 2)
     n = tl.load(table + c * 5 + 3)
-    coef = tl.load(coef_ptr).to(ACC)
+    coef = tl.load(coef_ptr).to(ACC)  # the coefficient rounded to the maths type, as torch's clip
     # No traffic when the clip does not bite (a NaN coefficient bites, as in torch).
     n = tl.where((coef < 1.0) | (coef != coef), n, 0)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
         m = i < n
         v = tl.load(o_base + o_off + i, mask=m, other=0.0).to(ACC)
-        tl.store(o_base + o_off + i, (v * coef).to(o_base.dtype.element_ty), mask=m)
+        tl.store(o_base + o_off + i, _to_storage(v * coef, o_base.dtype.element_ty), mask=m)
 
 
 class _Layout:
@@ -123,7 +143,8 @@ class _Layout:
             bounds.append(len(rows))
         device = a[0].device
         self.bases = bases
-        self.acc = _TL[a[0].dtype]
+        # Scale pass maths: the stored type, at least fp32 (as torch's clip_grad_norm_).
+        self.acc = tl.float64 if a[0].dtype == torch.float64 else tl.float32
         self.ids = torch.tensor(ids, dtype=torch.long).to(device)
         self.n_chunks = len(rows)
         self.table = torch.tensor(rows or [[0, 0, 0, 0, 0]], dtype=torch.int64).to(device)
@@ -135,7 +156,7 @@ class _Layout:
         A segmented sum: fixed order, no atomics, and unlike differences of a running
         sum it keeps a small tensor's digits next to large ones.
         """
-        return torch.segment_reduce(partial.double(), "sum", lengths=self.lengths, axis=0, unsafe=True)
+        return torch.segment_reduce(partial, "sum", lengths=self.lengths, axis=0, unsafe=True)
 
 
 _CACHE: "OrderedDict[tuple, _Layout]" = OrderedDict()
@@ -169,41 +190,37 @@ def _per_tensor(lays, partials, n_tensors) -> torch.Tensor:
 
 
 def _partials(lays) -> list:
-    return [torch.zeros(max(lay.n_chunks, 1), 5, device=lay.table.device,
-                        dtype=torch.float64 if lay.acc == tl.float64 else torch.float32) for lay in lays]
+    return [torch.zeros(max(lay.n_chunks, 1), 5, device=lay.table.device, dtype=torch.float64) for lay in lays]
 
 
 def combine_triton(args: CombineArgs) -> CombineStats:
     a, b, out = args.grads_mm, args.grads_uni, args.out
     lays = _layouts(a, b, out)
-    device = a[0].device
+    glay = group_layout(args.groups, args.num_groups, args.fusion if args.method == "dgl" else None, a[0].device)
     n = len(out)
     partials = _partials(lays)
     if args.method == "mmpareto":
         for lay, part in zip(lays, partials):
             if lay.n_chunks:
-                _gram_kernel[(lay.n_chunks,)](*lay.bases[:2], lay.table, part, ACC=lay.acc, BLOCK=BLOCK)
+                _gram_kernel[(lay.n_chunks,)](*lay.bases[:2], lay.table, part, ACC=_ACC, BLOCK=BLOCK)
         per_tensor = _per_tensor(lays, partials, n)
-        gram = group_sums(per_tensor[:, :3], args.groups, args.num_groups)
-        stats = group_stats(args.method, gram, args.alpha, None, None, None)
-        ca, cb = mmpareto_coefficients(per_tensor[:, :3], stats.w_mm, args)
-        mode = torch.full((n,), MODE_AB, dtype=torch.int32, device=device)
+        gram = glay.group_sums(per_tensor[:, :3])
+        stats = group_stats(args.method, gram, args.alpha, None, None, None, glay.empty)
+        ca, cb = mmpareto_coefficients(per_tensor[:, :3], stats.w_mm, glay, args.gamma)
+        mode = glay.mode_ab
         fin = per_tensor[:, 3]
     else:
-        ca_l, cb_l, mode_l = role_coefficients(args)
-        ca = torch.tensor(ca_l, dtype=torch.float64).to(device)
-        cb = torch.tensor(cb_l, dtype=torch.float64).to(device)
-        mode = torch.tensor(mode_l, dtype=torch.int32).to(device)
+        ca, cb, mode = glay.roles(args.method, args.alpha)
     with_gram = args.method != "mmpareto"  # one pass: the Gram rides along for the statistics
     partials = _partials(lays)
     for lay, part in zip(lays, partials):
         if lay.n_chunks:
             _combine_kernel[(lay.n_chunks,)](*lay.bases, lay.table, ca, cb, mode, part,
-                                             WITH_GRAM=with_gram, ACC=lay.acc, BLOCK=BLOCK)
+                                             WITH_GRAM=with_gram, ACC=_ACC, BLOCK=BLOCK)
     per_tensor_2 = _per_tensor(lays, partials, n)
     if with_gram:
-        gram = group_sums(per_tensor_2[:, :3], args.groups, args.num_groups)
-        stats = group_stats(args.method, gram, args.alpha, None, None, None)
+        gram = glay.group_sums(per_tensor_2[:, :3])
+        stats = group_stats(args.method, gram, args.alpha, None, None, None, glay.empty)
         fin = per_tensor_2[:, 3]
     total_norm = per_tensor_2[:, 4].sum().sqrt()
     clip_coef = clip_coefficient(total_norm, args.max_norm)
@@ -211,4 +228,5 @@ def combine_triton(args: CombineArgs) -> CombineStats:
         for lay in lays:
             if lay.n_chunks:
                 _scale_kernel[(lay.n_chunks,)](lay.bases[2], lay.table, clip_coef, ACC=lay.acc, BLOCK=BLOCK)
+    torch.autograd.graph.increment_version(out)  # the kernels wrote through pointers
     return stats._replace(total_norm=total_norm, clip_coef=clip_coef, all_finite=(fin == 0).all())

@@ -1,7 +1,8 @@
 """Triton kernels for K objectives: the per-tensor K x K Gram in one read of the K
 gradients, and ``out = sum_k c_tk g_tk``. Same chunk-table design as combine.py:
 int64 element offsets from one base tensor per operand (one dtype per call), one
-program per chunk, fp32 partials per chunk, a segmented fp64 reduction (no atomics).
+program per chunk, fp64 products and partials per chunk (precision as combine.py), a
+segmented fp64 reduction (no atomics).
 The objectives are padded to a power of two and masked.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .combine import _TL, BLOCK, CHUNK
+from .combine import _ACC, BLOCK, CHUNK, _to_storage
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _combine_k_kernel(base, o_base, table, coefs, partial, K: tl.constexpr, KP: 
         m = kmask[:, None] & (i[None, :] < n)
         x = tl.load(base + offs[:, None] + i[None, :], mask=m, other=0.0).to(ACC)
         v = tl.sum(coef[:, None] * x, axis=0)
-        tl.store(o_base + o_off + i, v.to(o_base.dtype.element_ty), mask=i < n)
+        tl.store(o_base + o_off + i, _to_storage(v, o_base.dtype.element_ty), mask=i < n)
         sq += v * v
     tl.store(partial + c, tl.sum(sq, 0))
 
@@ -80,10 +81,9 @@ class _KLayout:
         self.n_chunks = len(rows)
         self.table = torch.tensor(rows or [[0] * self.row], dtype=torch.int64).to(device)
         self.lengths = torch.tensor(lengths, dtype=torch.long).to(device)
-        self.acc = _TL[base.dtype]
 
     def per_tensor(self, partial):
-        return torch.segment_reduce(partial.double(), "sum", lengths=self.lengths, axis=0, unsafe=True)
+        return torch.segment_reduce(partial, "sum", lengths=self.lengths, axis=0, unsafe=True)
 
 
 _CACHE: "OrderedDict[tuple, _KLayout]" = OrderedDict()
@@ -109,10 +109,9 @@ def gram_k_triton(out, grads):
     """``(per-tensor Gram [T, K, K] float64, all_finite)``."""
     lay = _layout(out, grads)
     K, KP = lay.K, lay.KP
-    dt = torch.float64 if lay.acc == tl.float64 else torch.float32
-    partial = torch.zeros(max(lay.n_chunks, 1), KP * KP + 1, dtype=dt, device=out[0].device)
+    partial = torch.zeros(max(lay.n_chunks, 1), KP * KP + 1, dtype=torch.float64, device=out[0].device)
     if lay.n_chunks:
-        _gram_k_kernel[(lay.n_chunks,)](grads[0][0], lay.table, partial, K=K, KP=KP, ROW=lay.row, ACC=lay.acc,
+        _gram_k_kernel[(lay.n_chunks,)](grads[0][0], lay.table, partial, K=K, KP=KP, ROW=lay.row, ACC=_ACC,
                                         BLOCK=BLOCK // KP)
     per = lay.per_tensor(partial[: lay.n_chunks])
     gram = per[:, : KP * KP].reshape(-1, KP, KP)[:, :K, :K].contiguous()
@@ -122,9 +121,9 @@ def gram_k_triton(out, grads):
 def combine_k_triton(out, grads, coefs):
     """Writes ``out[t] = sum_k coefs[t, k] grads[k][t]``; returns per-tensor ``<out, out>`` [T]."""
     lay = _layout(out, grads)
-    dt = torch.float64 if lay.acc == tl.float64 else torch.float32
-    partial = torch.zeros(max(lay.n_chunks, 1), dtype=dt, device=out[0].device)
+    partial = torch.zeros(max(lay.n_chunks, 1), dtype=torch.float64, device=out[0].device)
     if lay.n_chunks:
         _combine_k_kernel[(lay.n_chunks,)](grads[0][0], out[0], lay.table, coefs.contiguous(), partial, K=lay.K,
-                                           KP=lay.KP, ROW=lay.row, ACC=lay.acc, BLOCK=BLOCK // lay.KP)
+                                           KP=lay.KP, ROW=lay.row, ACC=_ACC, BLOCK=BLOCK // lay.KP)
+    torch.autograd.graph.increment_version(out)  # the kernel wrote through pointers
     return lay.per_tensor(partial[: lay.n_chunks, None])[:, 0]

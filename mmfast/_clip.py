@@ -5,12 +5,13 @@ from typing import NamedTuple
 
 import torch
 
-from ._args import OUTSIDE, _real, _tensor_list
+from ._args import OUTSIDE, check_tensors, explain, first_device, id_list, real, tensor_list
 from ._backends import select_backend
 
 
 class ClipStats(NamedTuple):
-    """``group_sq[G]``: squared norm per group; ``total_norm``, ``clip_coef``, ``all_finite``: as CombineStats."""
+    """``group_sq[G]``: squared norm per group (0 for a group id no tensor uses);
+    ``total_norm``, ``clip_coef``, ``all_finite``: as CombineStats."""
 
     group_sq: torch.Tensor
     total_norm: torch.Tensor
@@ -22,41 +23,41 @@ def clip_grad_norm_(grads, max_norm: float | None, *, groups=None, backend: str 
     """Scales ``grads`` in place so their total L2 norm is at most ``max_norm``.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``:
-    ``coef = min(1, max_norm / (total + 1e-6))``; ``max_norm=None`` only measures.
-    ``groups`` (one id per tensor, -1 for none) adds per-group squared norms. No
-    host synchronisation; on the ``cpu`` backend the tensors are read once and
-    written only when the clip bites.
+    ``coef = min(1, max_norm / (total + 1e-6))`` (a NaN norm gives a NaN coefficient);
+    ``max_norm=None`` only measures. ``groups`` (one id per tensor, -1 for none) adds
+    per-group squared norms. No host synchronisation; on the ``cpu`` backend the tensors
+    are read once and written only when the clip bites. The arguments follow the
+    contract of ``combine_`` (mmfast/_args.py).
     """
-    grads = _tensor_list("grads", grads)
-    if not grads:
-        raise ValueError("grads: expected at least one tensor, got an empty list")
-    device = grads[0].device
-    for i, g in enumerate(grads):
-        if g.device != device:
-            raise ValueError(f"grads[{i}]: expected device {device} (as grads[0]), got {g.device}")
-        if not g.is_contiguous():
-            raise ValueError(f"grads[{i}]: expected a contiguous tensor (call .contiguous() first)")
-        if not g.is_floating_point():
-            raise TypeError(f"grads[{i}]: expected a floating dtype, got {g.dtype}")
-    groups = [OUTSIDE] * len(grads) if groups is None else list(groups)
-    if len(groups) != len(grads):
-        raise ValueError(f"groups: expected {len(grads)} entries (one per tensor), got {len(groups)}")
-    max_norm = None if max_norm is None else _real("max_norm", max_norm, positive=True)
-    name = select_backend(backend, device)
+    grads = tensor_list("grads", grads)
+    n = len(grads)
+    groups = [OUTSIDE] * n if groups is None else id_list("groups", groups, n, int)
+    max_norm = None if max_norm is None else real("max_norm", max_norm, positive=True)
+    name = select_backend(backend, first_device("grads", grads))
     with torch.no_grad():
         if name in ("cpu", "cuda"):
-            return ClipStats(*torch.ops.mmfast.clip_(grads, groups, max_norm))
-        return _clip_torch(grads, groups, max_norm)
+            try:
+                return ClipStats(*_CLIP(grads, groups, max_norm))
+            except (TypeError, RuntimeError) as e:
+                explain(["grads"], [grads], 1, groups, None, e)
+        num_groups = check_tensors(["grads"], [grads], 1, groups, None)
+        return _clip_torch(grads, groups, num_groups, max_norm)
 
 
-def _clip_torch(grads, groups, max_norm) -> ClipStats:
-    sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square()
-    num_groups = max(groups) + 1 if groups else 0
-    idx = torch.tensor(groups, device=sq.device)
-    group_sq = torch.zeros(num_groups, dtype=torch.float64, device=sq.device)
-    group_sq.index_add_(0, idx.clamp(min=0), sq * (idx != OUTSIDE))
+def _clip_torch(grads, groups, num_groups, max_norm) -> ClipStats:
+    from ._device_math import group_layout
+    from .foreach import all_finite, gram_per_tensor
+    from .reference import clip_coefficient, scale_
+
+    per_tensor = gram_per_tensor(grads, grads)
+    sq = per_tensor[:, 0]
+    lay = group_layout(groups, num_groups, None, sq.device)
+    group_sq = lay.group_sums(per_tensor[:, :1])[:, 0]
     total = sq.sum().sqrt()
-    coef = torch.ones_like(total) if max_norm is None else (max_norm / (total + 1e-6)).clamp(max=1.0)
+    coef = clip_coefficient(total, max_norm)
     if max_norm is not None:
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return ClipStats(group_sq, total, coef, torch.isfinite(sq).all())
+        scale_(grads, coef)
+    return ClipStats(group_sq, total, coef, all_finite(per_tensor, grads))
+
+
+_CLIP = torch.ops.mmfast.clip_.default if hasattr(torch.ops.mmfast, "clip_") else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import parse_combine_args
+from ._args import first_device, parse_combine_args
 from ._backends import select_backend
 from ._stats import CombineStats
 
@@ -46,12 +46,20 @@ def combine_(
         If an input is not finite, ``stats.all_finite`` is False and ``out`` holds
         what the formulas give (NaN/Inf propagate): skip that step.
     """
-    args = parse_combine_args(
-        out, grads_mm, grads_uni, method=method, groups=groups, gamma=gamma, alpha=alpha, fusion=fusion,
-        max_norm=max_norm,
-    )
-    name = select_backend(backend, args.out[0].device)
     with torch.no_grad():
+        if backend is None or backend in ("cpu", "cuda"):
+            # The operator checks the tensors itself, in C++ (mmfast/_args.py).
+            args = parse_combine_args(out, grads_mm, grads_uni, method=method, groups=groups, gamma=gamma,
+                                      alpha=alpha, fusion=fusion, max_norm=max_norm, tensors=False)
+            name = select_backend(backend, first_device("out", args.out))
+            if name in ("cpu", "cuda"):
+                return _run_op(args)
+            args = parse_combine_args(args.out, args.grads_mm, args.grads_uni, method=method, groups=args.groups,
+                                      gamma=gamma, alpha=alpha, fusion=fusion, max_norm=max_norm)
+        else:
+            args = parse_combine_args(out, grads_mm, grads_uni, method=method, groups=groups, gamma=gamma,
+                                      alpha=alpha, fusion=fusion, max_norm=max_norm)
+            name = select_backend(backend, args.out[0].device)
         return _RUN[name](args)
 
 

@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-from ._args import OUTSIDE, _tensor_list
+from ._args import check_tensors, id_list, tensor_list
 from ._backends import select_backend
-from ._device_math import group_sums
-from .reference import ZERO_REL, acc_dtype
+from ._device_math import group_layout
+from .reference import SLICE, is_zero_norm
 
 
 class AggregateStats(NamedTuple):
@@ -37,44 +37,35 @@ class AggregateStats(NamedTuple):
 
 
 def _check(out, grads, groups):
-    out = _tensor_list("out", out)
-    if not out:
-        raise ValueError("out: expected at least one tensor, got an empty list")
+    """The contract of combine_ (mmfast/_args.py): out and the K lists index-aligned."""
+    out = tensor_list("out", out)
     if not isinstance(grads, (list, tuple)) or len(grads) < 1:
         raise TypeError("grads: expected a list of K gradient lists (one per objective)")
-    grads = [_tensor_list(f"grads[{k}]", g) for k, g in enumerate(grads)]
-    for k, gs in enumerate(grads):
-        if len(gs) != len(out):
-            raise ValueError(f"grads[{k}]: expected {len(out)} tensors (as out), got {len(gs)}")
-        for i, (g, o) in enumerate(zip(gs, out)):
-            if g.shape != o.shape or g.dtype != o.dtype or g.device != o.device:
-                raise ValueError(f"grads[{k}][{i}]: expected {tuple(o.shape)} {o.dtype} on {o.device} (as out[{i}]), "
-                                 f"got {tuple(g.shape)} {g.dtype} on {g.device}")
-            if not g.is_contiguous() or not o.is_contiguous():
-                raise ValueError(f"grads[{k}][{i}] / out[{i}]: expected contiguous tensors")
-    if groups is None:
-        groups = [0] * len(out)
-    groups = list(groups)
-    if len(groups) != len(out):
-        raise ValueError(f"groups: expected {len(out)} entries (one per tensor), got {len(groups)}")
-    return out, grads, groups
+    grads = [tensor_list(f"grads[{k}]", g) for k, g in enumerate(grads)]
+    groups = [0] * len(out) if groups is None else id_list("groups", groups, len(out), int)
+    names = ["out"] + [f"grads[{k}]" for k in range(len(grads))]
+    num_groups = check_tensors(names, [out, *grads], 1, groups, None)
+    return out, grads, groups, num_groups
 
 
 def _gram_torch(grads, K):
+    """Per-tensor ``[T, K, K]`` fp64 Gram: exact products, fp64 sums over slices of SLICE."""
     per = []
     for t in range(len(grads[0])):
         J = torch.stack([grads[k][t].reshape(-1).to(torch.float64) for k in range(K)])
-        per.append(J @ J.T)
+        per.append(sum((Js @ Js.T for Js in J.split(SLICE, dim=1)), J.new_zeros(K, K)))
     G = torch.stack(per)
-    return G, torch.isfinite(G).all()
+    finite = torch.stack([torch.isfinite(g).all() for gk in grads for g in gk]).all()
+    return G, finite
 
 
 def _combine_torch(out, grads, coefs):
+    """``out_t = sum_k c_tk g_tk`` in fp64 with fp64 coefficients, rounded once."""
     sq = []
     for t, o in enumerate(out):
-        acc = sum(coefs[t, k].to(acc_dtype(o.dtype)) * grads[k][t].to(acc_dtype(o.dtype)) for k in range(len(grads)))
+        acc = sum(coefs[t, k] * grads[k][t].double() for k in range(len(grads)))
         o.copy_(acc)
-        sq.append(torch.linalg.vector_norm(acc, dtype=torch.float64).square())
+        sq.append(torch.dot(acc.reshape(-1), acc.reshape(-1)))
     return torch.stack(sq)
 
 
@@ -95,7 +86,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
     """
     from .weightings import weights as weigh
 
-    out, grads, groups = _check(out, grads, groups)
+    out, grads, groups, num_groups = _check(out, grads, groups)
     K, T = len(grads), len(out)
     name = select_backend(backend, out[0].device)
     flat = [grads[k][t] for t in range(T) for k in range(K)]
@@ -108,19 +99,19 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
             per_tensor, all_finite = gram_k_triton(out, grads)
         else:
             per_tensor, all_finite = _gram_torch(grads, K)
-        num_groups = max(groups) + 1 if groups else 0
-        gram = group_sums(per_tensor.reshape(T, K * K), groups, num_groups).reshape(num_groups, K, K)
+        lay = group_layout(groups, num_groups, None, per_tensor.device)
+        gram = lay.group_sums(per_tensor.reshape(T, K * K)).reshape(num_groups, K, K)
         w = weigh(weighting, gram, **weighting_kw) if num_groups else gram.new_zeros(0, K)
-        g_idx = torch.tensor([max(g, 0) for g in groups], device=per_tensor.device)
-        inside = torch.tensor([g != OUTSIDE for g in groups], device=per_tensor.device)
-        wt = w[g_idx] if num_groups else per_tensor.new_ones(T, K)
+        inside = lay.inside
+        wt = w.index_select(0, lay.index) if num_groups else per_tensor.new_ones(T, K)
         if weighting == "mmpareto":
             # SEMANTICS.md's rescale, for K: n_t = K sum_k w_k g_k, g_t = gamma n_t max(||sum g||/||n_t||, 1).
             nn = K * K * torch.einsum("tk,tkl,tl->t", wt, per_tensor, wt).clamp(min=0)
             ones = torch.ones_like(wt)
             ss = torch.einsum("tk,tkl,tl->t", ones, per_tensor, ones).clamp(min=0)
-            terms = K * K * (wt * wt * torch.diagonal(per_tensor, dim1=1, dim2=2)).sum(1)
-            s = torch.where(nn <= ZERO_REL * terms, 0.0, gamma * K * (ss.sqrt() / nn.sqrt()).clamp(min=1.0))
+            # The zero rule of mmfast/reference.py, with K terms: (sum_k |w_k| ||g_k||)^2 bounds them.
+            terms = K * K * (wt.abs() * torch.diagonal(per_tensor, dim1=1, dim2=2).sqrt()).sum(1) ** 2
+            s = torch.where(is_zero_norm(nn, terms), 0.0, gamma * K * (ss.sqrt() / nn.clamp(min=0).sqrt()).clamp(min=1.0))
             wt = wt * s[:, None]
         coefs = torch.where(inside[:, None], wt, 1.0).contiguous()
         if name in ("cpu", "cuda"):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ._args import CombineArgs
+from ._args import CombineArgs, _check_py, explain
 from ._stats import CombineStats
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("mmfast::combine_")
     def _(out, grads_mm, grads_uni, groups, fusion, method, gamma, alpha, max_norm):
+        _same_device(["out", "grads_mm", "grads_uni"], [out, grads_mm, grads_uni])
         g = max(groups) + 1 if len(groups) else 0
         like = dict(dtype=torch.float64, device=out[0].device)
         return (
@@ -23,24 +24,32 @@ def _register_fake() -> None:
         )
 
 
+def _same_device(names, lists) -> None:
+    """A list that mixes devices reaches this fake kernel when one of them is ``meta``:
+    word it as the contract does (the real kernels check in C++)."""
+    device = lists[0][0].device if lists[0] else None
+    if any(t.device != device for ts in lists for t in ts):
+        _check_py(names, lists, 0, None, None)
+
+
 def call_op(args: CombineArgs) -> CombineStats:
-    gram, cos, weights, conflict, total_norm, clip_coef, all_finite = torch.ops.mmfast.combine_(
-        args.out,
-        args.grads_mm,
-        args.grads_uni,
-        args.groups,
-        [int(f) for f in args.fusion],
-        args.method,
-        args.gamma,
-        args.alpha,
-        args.max_norm,
-    )
+    try:
+        gram, cos, weights, conflict, total_norm, clip_coef, all_finite = _COMBINE(
+            args.out, args.grads_mm, args.grads_uni, args.groups, args.fusion, args.method, args.gamma, args.alpha,
+            args.max_norm)
+    except (TypeError, RuntimeError) as e:
+        explain(["out", "grads_mm", "grads_uni"], [args.out, args.grads_mm, args.grads_uni], 1, args.groups,
+                args.fusion, e)
     return CombineStats(gram, cos, weights[:, 0], weights[:, 1], conflict, total_norm, clip_coef, all_finite)
+
+
+_COMBINE = torch.ops.mmfast.combine_.default
 
 
 def _register_clip_fake() -> None:
     @torch.library.register_fake("mmfast::clip_")
     def _(grads, groups, max_norm):
+        _same_device(["grads"], [grads])
         g = max(groups) + 1 if len(groups) else 0
         like = dict(dtype=torch.float64, device=grads[0].device)
         return (grads[0].new_empty((g,), **like), grads[0].new_empty((), **like), grads[0].new_empty((), **like),

@@ -10,27 +10,18 @@
 #include "common.h"
 
 namespace mmfast::cpu {
-namespace {
-constexpr const char* kOp = "mmfast::clip_";
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(at::TensorList grads, at::IntArrayRef groups,
                                                                     std::optional<double> max_norm) {
+  check_scalars(1.0, 0.0, max_norm);
+  const int64_t num_groups = check_args({{"grads", grads, true}}, groups, {});
+  check_cpu(grads);
   const size_t n = grads.size();
-  TORCH_CHECK_VALUE(n > 0, kOp, ": grads: expected at least one tensor, got an empty list");
-  TORCH_CHECK_VALUE(groups.size() == n, kOp, ": groups: expected ", n, " entries, got ", groups.size());
-  TORCH_CHECK_VALUE(!max_norm || (std::isfinite(*max_norm) && *max_norm > 0), kOp,
-                    ": max_norm: expected a finite positive number or None");
   std::vector<TensorRef> refs(n);
   std::vector<Chunk> chunks;
-  int64_t total = 0, num_groups = 0;
+  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(grads[i].defined(), kOp, ": grads[", i, "]: expected a tensor, got None");
-    check_tensor(grads[i], grads[i], kOp, "grads", i);
-    TORCH_CHECK_VALUE(groups[i] >= -1, kOp, ": groups[", i, "]: expected a group id >= 0 or -1, got ", groups[i]);
-    num_groups = std::max<int64_t>(num_groups, groups[i] + 1);
     void* p = grads[i].data_ptr();
-    refs[i] = {p, p, p, dtype_code(grads[i].scalar_type(), kOp, "grads", i)};
+    refs[i] = {p, p, p, dtype_code(grads[i].scalar_type())};
     add_chunks(chunks, static_cast<int64_t>(i), grads[i].numel());
     total += grads[i].numel();
   }

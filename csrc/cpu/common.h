@@ -4,43 +4,44 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
+
 #include <memory>
 #include <optional>
 #include <vector>
 
+#include "../args.h"
+#include "../precision.h"
 #include "kernels.h"
 
 namespace mmfast::cpu {
 
-// Elements per chunk: large enough to stream, small enough to balance two threads
-// over a ResNet's tensor sizes. Part of the result's definition (the fp32 blocks
-// live inside chunks), so it is fixed, not tuned per machine.
-constexpr int64_t kChunk = 1 << 15;
+// Elements per chunk (precision.h): large enough to stream, small enough to balance two
+// threads over a ResNet's tensor sizes. Part of the result's definition (the summation
+// order), so it is fixed, not tuned per machine.
+using mmfast::kChunk;
 // Below this many elements the threads cost more than they save.
 constexpr int64_t kSerialBelow = 1 << 16;
 
-inline Dtype dtype_code(c10::ScalarType s, const char* op, const char* arg, size_t i) {
+inline Dtype dtype_code(c10::ScalarType s) {  // after check_args: one of the four
   switch (s) {
-    case at::kFloat: return kF32;
     case at::kDouble: return kF64;
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, "[", i, "]: expected float16, bfloat16, float32 or float64, got ",
-                       s);
+    default: return kF32;
   }
 }
 
-inline void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* op, const char* arg, size_t i) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", arg, "[", i, "]: expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, " (cpu backend): ", arg, "[", i,
-                    "]: expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", arg, "[", i, "]: expected dtype ",
-                   like.scalar_type(), " (as out[", i, "]), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": ", arg, "[", i, "]: expected shape ", like.sizes(),
-                    " (as out[", i, "]), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.is_contiguous(), op, ": ", arg, "[", i,
-                    "]: expected a contiguous strided tensor (call .contiguous() first)");
+inline void check_cpu(at::TensorList ts) {
+  TORCH_CHECK_VALUE(ts[0].device().is_cpu(), "backend='cpu' needs CPU tensors, got tensors on ", ts[0].device());
+}
+
+// The scalar arguments, as mmfast/_args.py words them (for direct calls of the operator).
+inline void check_scalars(double gamma, double alpha, std::optional<double> max_norm) {
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, "gamma: expected a finite positive number, got ", gamma);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "alpha: expected a finite number, got ", alpha);
+  TORCH_CHECK_VALUE(!max_norm || (std::isfinite(*max_norm) && *max_norm > 0),
+                    "max_norm: expected a finite positive number, got ", *max_norm);
 }
 
 template <class Fn>
@@ -64,7 +65,7 @@ inline void add_chunks(std::vector<Chunk>& chunks, int64_t i, int64_t numel) {
 inline double clip_in_place(const std::vector<TensorRef>& refs, const std::vector<Chunk>& chunks, int64_t total,
                             std::optional<double> max_norm, double total_norm) {
   if (!max_norm) return 1.0;
-  const double clip = std::min(1.0, *max_norm / (total_norm + 1e-6));
+  const double clip = clip_coefficient(*max_norm, total_norm);
   if (!(clip >= 1.0)) {
     for_chunks(static_cast<int64_t>(chunks.size()), total,
                [&](int64_t b, int64_t e) { scale_chunks(refs.data(), chunks.data(), b, e, clip); });

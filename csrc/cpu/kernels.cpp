@@ -6,35 +6,37 @@
 namespace mmfast::cpu {
 namespace {
 
+// Products and sums in fp64 lanes (SEMANTICS.md, Precision: fp32 products are exact in
+// fp64, and the pass is memory-bound, so the wider lanes cost no time: bench/table.py).
 template <class S>
 MMFAST_INLINE void gram_range(const typename S::T* a, const typename S::T* b, int64_t n, Partial& p) {
   using V = typename S::V;
   constexpr int64_t W = S::W;
+  constexpr int P = S::P;
   double aa = 0, ab = 0, bb = 0;
   V z = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
     const typename S::T* pa = a + start;
     const typename S::T* pb = b + start;
-    V saa = {}, sab = {}, sbb = {};
+    v8d saa[P] = {}, sab[P] = {}, sbb[P] = {};
+    auto step = [&](V x, V y) MMFAST_INLINE_LAMBDA {
+      z += (x - x) + (y - y);
+      v8d xd[P], yd[P];
+      widen(x, xd);
+      widen(y, yd);
+      for (int q = 0; q < P; ++q) {
+        saa[q] += xd[q] * xd[q];
+        sab[q] += xd[q] * yd[q];
+        sbb[q] += yd[q] * yd[q];
+      }
+    };
     int64_t i = 0;
-    for (; i + W <= m; i += W) {
-      const V x = S::load(pa + i), y = S::load(pb + i);
-      saa += x * x;
-      sab += x * y;
-      sbb += y * y;
-      z += (x - x) + (y - y);
-    }
-    if (i < m) {
-      const V x = load_tail<S>(pa + i, m - i), y = load_tail<S>(pb + i, m - i);
-      saa += x * x;
-      sab += x * y;
-      sbb += y * y;
-      z += (x - x) + (y - y);
-    }
-    aa += hsum(saa);
-    ab += hsum(sab);
-    bb += hsum(sbb);
+    for (; i + W <= m; i += W) step(S::load(pa + i), S::load(pb + i));
+    if (i < m) step(load_tail<S>(pa + i, m - i), load_tail<S>(pb + i, m - i));
+    aa += hsum<P>(saa);
+    ab += hsum<P>(sab);
+    bb += hsum<P>(sbb);
   }
   p.aa = aa;
   p.ab = ab;
@@ -43,53 +45,61 @@ MMFAST_INLINE void gram_range(const typename S::T* a, const typename S::T* b, in
   p.finite = all_zero<S>(z);
 }
 
+// out = ca*a + cb*b formed in fp64 with fp64 coefficients (under strong conflict the two
+// terms cancel to 1e-4 of their size: fp32 coefficients would cost 6e-8 / 1e-4 of the
+// result), rounded once to the storage type; <out,out> over the fp64 values. An input the
+// mode drops is not read (unless the Gram rides along), so its NaN cannot reach out.
 template <class S, Mode M, bool G>
 MMFAST_INLINE void combine_range(const typename S::T* a, const typename S::T* b, typename S::T* o, int64_t n,
-                                 double ca_, double cb_, Partial& p) {
+                                 double ca, double cb, Partial& p) {
   using V = typename S::V;
-  using E = decltype(V{}[0]);
   constexpr int64_t W = S::W;
+  constexpr int P = S::P;
   constexpr bool kReadA = M != kB || G;
   constexpr bool kReadB = M != kA || G;
-  const E ca = static_cast<E>(ca_), cb = static_cast<E>(cb_);
   double aa = 0, ab = 0, bb = 0, sq = 0;
   V z = {};
-  auto step = [&](V x, V y, V& ssq, V& saa, V& sab, V& sbb) MMFAST_INLINE_LAMBDA {
-    const V v = M == kAB ? ca * x + cb * y : (M == kA ? ca * x : cb * y);
-    ssq += v * v;
-    if constexpr (G) {
-      saa += x * x;
-      sab += x * y;
-      sbb += y * y;
-      z += (x - x) + (y - y);
-    } else {
-      if constexpr (kReadA) z += x - x;
-      if constexpr (kReadB) z += y - y;
-    }
-    return v;
-  };
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
     const typename S::T* pa = a + start;
     const typename S::T* pb = b + start;
     typename S::T* po = o + start;
-    V ssq = {}, saa = {}, sab = {}, sbb = {};
+    v8d ssq[P] = {}, saa[P] = {}, sab[P] = {}, sbb[P] = {};
+    auto step = [&](V x, V y) MMFAST_INLINE_LAMBDA {
+      if constexpr (kReadA) z += x - x;
+      if constexpr (kReadB) z += y - y;
+      v8d xd[P], yd[P], vd[P];
+      widen(x, xd);
+      widen(y, yd);
+      for (int q = 0; q < P; ++q) {
+        vd[q] = M == kAB ? ca * xd[q] + cb * yd[q] : (M == kA ? ca * xd[q] : cb * yd[q]);
+        ssq[q] += vd[q] * vd[q];
+        if constexpr (G) {
+          saa[q] += xd[q] * xd[q];
+          sab[q] += xd[q] * yd[q];
+          sbb[q] += yd[q] * yd[q];
+        }
+      }
+      V v;
+      narrow(vd, v);
+      return v;
+    };
     int64_t i = 0;
     for (; i + W <= m; i += W) {
       const V x = kReadA ? S::load(pa + i) : V{};
       const V y = kReadB ? S::load(pb + i) : V{};
-      S::store(po + i, step(x, y, ssq, saa, sab, sbb));
+      S::store(po + i, step(x, y));
     }
     if (i < m) {
       const V x = kReadA ? load_tail<S>(pa + i, m - i) : V{};
       const V y = kReadB ? load_tail<S>(pb + i, m - i) : V{};
-      store_tail<S>(po + i, step(x, y, ssq, saa, sab, sbb), m - i);
+      store_tail<S>(po + i, step(x, y), m - i);
     }
-    sq += hsum(ssq);
+    sq += hsum<P>(ssq);
     if constexpr (G) {
-      aa += hsum(saa);
-      ab += hsum(sab);
-      bb += hsum(sbb);
+      aa += hsum<P>(saa);
+      ab += hsum<P>(sab);
+      bb += hsum<P>(sbb);
     }
   }
   p.aa = aa;

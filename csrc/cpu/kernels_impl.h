@@ -23,6 +23,7 @@ struct F64 {
   using T = double;
   using V = v8d;
   static constexpr int64_t W = 8;
+  static constexpr int P = 1;  // v8d parts per vector (fp64 lanes of the maths)
   static MMFAST_INLINE V load(const T* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
   static MMFAST_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
 };
@@ -30,9 +31,11 @@ template <class S>
 struct Wide : S {
   using V = v16f;
   static constexpr int64_t W = 16;
+  static constexpr int P = 2;
 };
 
-// fp32 sums run over blocks this long, then move to fp64 (SEMANTICS.md, Precision).
+// Sums run in fp64 lanes over blocks this long; the block sums then add up in order
+// (summation depth: mmfast/reference.py, ZERO_TOL).
 constexpr int64_t kBlock = 1024;
 
 template <class S>

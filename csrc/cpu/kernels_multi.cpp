@@ -4,12 +4,14 @@
 namespace mmfast::cpu {
 namespace {
 
-// K-objective Gram: every pair (p, q <= p) in one read of the K inputs.
+// K-objective Gram: every pair (p, q <= p) in one read of the K inputs, products and sums
+// in fp64 lanes (as the two-objective Gram, kernels.cpp).
 template <class S, int K>
 MMFAST_INLINE void gram_k_range(const MultiRef& t, int k_rt, int64_t begin, int64_t n, double* out, bool& finite) {
   using V = typename S::V;
   using T = typename S::T;
   constexpr int64_t W = S::W;
+  constexpr int P = S::P;
   constexpr int KM = K > 0 ? K : kMaxObjectives;
   const int k = K > 0 ? K : k_rt;
   const T* in[KM];
@@ -18,23 +20,25 @@ MMFAST_INLINE void gram_k_range(const MultiRef& t, int k_rt, int64_t begin, int6
   V z = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
-    V acc[KM * (KM + 1) / 2] = {};
+    v8d acc[KM * (KM + 1) / 2][P] = {};
     auto step = [&](int64_t i, int64_t len) MMFAST_INLINE_LAMBDA {
-      V x[KM];
+      v8d x[KM][P];
       for (int j = 0; j < k; ++j) {
-        x[j] = len == W ? S::load(in[j] + start + i) : load_tail<S>(in[j] + start + i, len);
-        z += x[j] - x[j];
+        const V v = len == W ? S::load(in[j] + start + i) : load_tail<S>(in[j] + start + i, len);
+        z += v - v;
+        widen(v, x[j]);
       }
       int idx = 0;
       for (int p = 0; p < k; ++p)
-        for (int q = 0; q <= p; ++q) acc[idx++] += x[p] * x[q];
+        for (int q = 0; q <= p; ++q, ++idx)
+          for (int r = 0; r < P; ++r) acc[idx][r] += x[p][r] * x[q][r];
     };
     int64_t i = 0;
     for (; i + W <= m; i += W) step(i, W);
     if (i < m) step(i, m - i);
     int idx = 0;
     for (int p = 0; p < k; ++p)
-      for (int q = 0; q <= p; ++q) d[p * KM + q] += hsum(acc[idx++]);
+      for (int q = 0; q <= p; ++q) d[p * KM + q] += hsum<P>(acc[idx++]);
   }
   // Lower triangle, then the mirror: as one chained assignment GCC 12 mis-vectorised
   // the K = 4 case (the test of every K caught it).
@@ -45,37 +49,44 @@ MMFAST_INLINE void gram_k_range(const MultiRef& t, int k_rt, int64_t begin, int6
   finite = all_zero<S>(z);
 }
 
+// out = sum_k c_k in_k in fp64 with fp64 coefficients, rounded once; <out,out> in fp64.
 template <class S, int K>
 MMFAST_INLINE void combine_k_range(const MultiRef& t, int k_rt, const double* c, int64_t begin, int64_t n,
                                    double& sq_out) {
   using V = typename S::V;
   using T = typename S::T;
-  using E = decltype(V{}[0]);
   constexpr int64_t W = S::W;
+  constexpr int P = S::P;
   constexpr int KM = K > 0 ? K : kMaxObjectives;
   const int k = K > 0 ? K : k_rt;
   const T* in[KM];
-  E coef[KM];
+  double coef[KM];
   for (int j = 0; j < k; ++j) {
     in[j] = static_cast<const T*>(t.in[j]) + begin;
-    coef[j] = static_cast<E>(c[j]);
+    coef[j] = c[j];
   }
   T* o = static_cast<T*>(t.out) + begin;
   double sq = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
-    V ssq = {};
+    v8d ssq[P] = {};
     auto step = [&](int64_t i, int64_t len) MMFAST_INLINE_LAMBDA {
-      V v = {};
-      for (int j = 0; j < k; ++j) v += coef[j] * (len == W ? S::load(in[j] + start + i) : load_tail<S>(in[j] + start + i, len));
-      ssq += v * v;
-      if (len == W) S::store(o + start + i, v);
-      else store_tail<S>(o + start + i, v, len);
+      v8d v[P] = {};
+      for (int j = 0; j < k; ++j) {
+        v8d x[P];
+        widen(len == W ? S::load(in[j] + start + i) : load_tail<S>(in[j] + start + i, len), x);
+        for (int r = 0; r < P; ++r) v[r] += coef[j] * x[r];
+      }
+      for (int r = 0; r < P; ++r) ssq[r] += v[r] * v[r];
+      V out;
+      narrow(v, out);
+      if (len == W) S::store(o + start + i, out);
+      else store_tail<S>(o + start + i, out, len);
     };
     int64_t i = 0;
     for (; i + W <= m; i += W) step(i, W);
     if (i < m) step(i, m - i);
-    sq += hsum(ssq);
+    sq += hsum<P>(ssq);
   }
   sq_out = sq;
 }

@@ -28,14 +28,23 @@ Plan plan(const char* op, at::TensorList grads, int64_t K, at::TensorList out) {
   p.refs.resize(T);
   for (size_t t = 0; t < T; ++t) {
     const at::Tensor& like = out.empty() ? grads[t * K] : out[t];
-    if (!out.empty()) check_tensor(out[t], like, op, "out", t);
     MultiRef& r = p.refs[t];
     for (int64_t k = 0; k < K; ++k) {
-      check_tensor(grads[t * K + k], like, op, "grads", t * K + k);
-      r.in[k] = grads[t * K + k].const_data_ptr();
+      const at::Tensor& g = grads[t * K + k];
+      // mmfast.aggregate_ checks its arguments (check_args) before calling; this guards
+      // direct calls against touching memory that is not there.
+      TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == like.scalar_type() && g.sizes() == like.sizes() &&
+                            g.is_contiguous(),
+                        op, ": grads[", t * K + k, "]: expected a contiguous CPU tensor like ", out.empty() ? "grads" : "out",
+                        "[", t, "]");
+      r.in[k] = g.const_data_ptr();
     }
+    TORCH_CHECK_VALUE(like.device().is_cpu() && like.is_contiguous(), op, ": out[", t, "]: expected a contiguous CPU tensor");
+    TORCH_CHECK_TYPE(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble ||
+                         like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16,
+                     op, ": expected a floating dtype, got ", like.scalar_type());
     r.out = out.empty() ? nullptr : out[t].data_ptr();
-    r.dtype = dtype_code(like.scalar_type(), op, "grads", t * K);
+    r.dtype = dtype_code(like.scalar_type());
     add_chunks(p.chunks, static_cast<int64_t>(t), like.numel());
     p.total += like.numel() * K;
   }

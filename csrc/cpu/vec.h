@@ -83,12 +83,27 @@ struct F16 {
   static MMFAST_INLINE void store(T* p, v16f v) { v16h h = f32_to_f16(v); std::memcpy(p, &h, sizeof h); }
 };
 
-MMFAST_INLINE double hsum(v8d v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-MMFAST_INLINE double hsum(v16f v) {
-  // Pairwise in double: the lanes are already blockwise fp32 partial sums.
-  v8d lo = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
-  v8d hi = {v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  return hsum(lo + hi);
+typedef float v8f __attribute__((vector_size(32)));
+
+// fp64 lanes for the maths (SEMANTICS.md, Precision): a v16f widens to two v8d (fp32
+// products are exact in fp64), a v8d is its own single part. Results narrow back once.
+MMFAST_INLINE void widen(v16f x, v8d* d) {
+  d[0] = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+  d[1] = __builtin_convertvector(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+}
+MMFAST_INLINE void widen(v8d x, v8d* d) { d[0] = x; }
+MMFAST_INLINE void narrow(const v8d* d, v16f& x) {
+  const v8f lo = __builtin_convertvector(d[0], v8f), hi = __builtin_convertvector(d[1], v8f);
+  x = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+MMFAST_INLINE void narrow(const v8d* d, v8d& x) { x = d[0]; }
+
+// Sum of the lanes of P v8d parts: parts lanewise, then a fixed pairwise tree (depth 3).
+template <int P>
+MMFAST_INLINE double hsum(const v8d* parts) {
+  v8d v = parts[0];
+  for (int p = 1; p < P; ++p) v += parts[p];
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 }  // namespace mmfast::cpu

@@ -1,8 +1,10 @@
 // The CUDA backend: mmfast::combine_ and mmfast::clip_ on CUDA tensors.
 //
 // Same two passes as the CPU kernels, in the multi-tensor-apply style: a chunk
-// table (tensor pointers, offset, length) on the device, one block per chunk, fp32
-// accumulation, a per-chunk partial written without atomics, then small
+// table (tensor pointers, offset, length) on the device, one block per chunk, fp64
+// products and sums (SEMANTICS.md, Precision; fp64 FMAs, not a compensated fp32 sum:
+// the passes are memory-bound, three fp64 FMAs per 8 bytes read), a per-chunk partial
+// written without atomics, then small
 // single-block kernels that reduce the partials in a fixed order (fp64) and compute
 // the weights, coefficients, norms and statistics on the device. Nothing reads a
 // value back to the host, so the whole op can be captured in a CUDA graph (build
@@ -21,12 +23,13 @@
 #include <optional>
 #include <vector>
 
+#include "../args.h"
+#include "../precision.h"
+
 namespace mmfast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 1 << 15;  // elements per block: as the CPU backend
-constexpr double kZeroRel = 1e-6;    // mmfast/reference.py ZERO_REL
 enum Dtype : int32_t { kF32, kF64, kBF16, kF16 };
 enum Mode : int32_t { kAB, kA, kB };
 
@@ -75,55 +78,38 @@ __device__ __forceinline__ void block_sum(T (&v)[K]) {
   }
 }
 
-// Pass 1: per chunk (aa, ab, bb, finiteness) in fp32 (fp64 for fp64 inputs).
+// Pass 1: per chunk (aa, ab, bb, finiteness), products and sums in fp64.
 __global__ void gram_kernel(const Chunk* chunks, double* partial) {
   const Chunk c = chunks[blockIdx.x];
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
   double sd[4] = {0.0, 0.0, 0.0, 0.0};
-  const bool wide = c.dtype == kF64;
   for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x) {
     const double x = load_acc(c.a, i, c.dtype), y = load_acc(c.b, i, c.dtype);
-    if (wide) {
-      sd[0] += x * x; sd[1] += x * y; sd[2] += y * y; sd[3] += (x - x) + (y - y);
-    } else {
-      const float xf = static_cast<float>(x), yf = static_cast<float>(y);
-      s[0] = fmaf(xf, xf, s[0]); s[1] = fmaf(xf, yf, s[1]); s[2] = fmaf(yf, yf, s[2]); s[3] += (xf - xf) + (yf - yf);
-    }
+    sd[0] = fma(x, x, sd[0]); sd[1] = fma(x, y, sd[1]); sd[2] = fma(y, y, sd[2]); sd[3] += (x - x) + (y - y);
   }
-  for (int j = 0; j < 4; ++j) sd[j] += s[j];
   block_sum<4>(sd);
   if (threadIdx.x == 0)
     for (int j = 0; j < 4; ++j) partial[blockIdx.x * 5 + j] = sd[j];
 }
 
-// Pass 2: out = ca*a + cb*b (an input a mode drops is not read), sum of out^2, and
-// the Gram when the method needs no first pass.
+// Pass 2: out = ca*a + cb*b in fp64 with fp64 coefficients (an input a mode drops is not
+// read), sum of out^2, and the Gram when the method needs no first pass.
 __global__ void combine_kernel(const Chunk* chunks, const double* ca, const double* cb, const int32_t* mode,
                                bool with_gram, double* partial) {
   const Chunk c = chunks[blockIdx.x];
-  const float ka = static_cast<float>(ca[c.tensor]), kb = static_cast<float>(cb[c.tensor]);
+  const double ka = ca[c.tensor], kb = cb[c.tensor];
   const int32_t md = mode[c.tensor];
-  const bool use_a = md != kB, use_b = md != kA, wide = c.dtype == kF64;
+  const bool use_a = md != kB, use_b = md != kA;
   const bool read_a = use_a || with_gram, read_b = use_b || with_gram;
   double sd[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-  float s[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
   for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x) {
     const double x = read_a ? load_acc(c.a, i, c.dtype) : 0.0;
     const double y = read_b ? load_acc(c.b, i, c.dtype) : 0.0;
-    double v;
-    if (wide) {
-      v = (use_a ? ca[c.tensor] * x : 0.0) + (use_b ? cb[c.tensor] * y : 0.0);
-      sd[0] += x * x; sd[1] += x * y; sd[2] += y * y; sd[3] += (x - x) + (y - y); sd[4] += v * v;
-    } else {
-      const float xf = static_cast<float>(x), yf = static_cast<float>(y);
-      const float vf = (use_a ? ka * xf : 0.f) + (use_b ? kb * yf : 0.f);
-      v = vf;
-      s[0] = fmaf(xf, xf, s[0]); s[1] = fmaf(xf, yf, s[1]); s[2] = fmaf(yf, yf, s[2]);
-      s[3] += (xf - xf) + (yf - yf); s[4] = fmaf(vf, vf, s[4]);
-    }
+    const double v = (use_a ? ka * x : 0.0) + (use_b ? kb * y : 0.0);
+    sd[0] = fma(x, x, sd[0]); sd[1] = fma(x, y, sd[1]); sd[2] = fma(y, y, sd[2]);
+    sd[3] += (read_a ? x - x : 0.0) + (read_b ? y - y : 0.0);
+    sd[4] = fma(v, v, sd[4]);
     store(c.o, i, c.dtype, v);
   }
-  for (int j = 0; j < 5; ++j) sd[j] += s[j];
   block_sum<5>(sd);
   if (threadIdx.x == 0)
     for (int j = 0; j < 5; ++j) partial[blockIdx.x * 5 + j] = sd[j];
@@ -133,7 +119,9 @@ __global__ void scale_kernel(const Chunk* chunks, const double* coef) {
   const double k = *coef;
   if (k >= 1.0) return;  // the clip does not bite: no traffic (a NaN coefficient bites)
   const Chunk c = chunks[blockIdx.x];
-  for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x) store(c.o, i, c.dtype, load_acc(c.o, i, c.dtype) * k);
+  const float kf = static_cast<float>(k);  // as stored, in fp32 maths (fp64 for fp64), as the CPU kernel
+  for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x)
+    store(c.o, i, c.dtype, c.dtype == kF64 ? load_acc(c.o, i, c.dtype) * k : static_cast<double>(static_cast<float>(load_acc(c.o, i, c.dtype)) * kf));
 }
 
 // Per-tensor sums of the partials, each tensor's chunks in order (deterministic).
@@ -147,23 +135,27 @@ __global__ void per_tensor_kernel(const double* partial, const int64_t* first_ch
   }
 }
 
-// One thread: group sums in tensor order, MMPareto weights, statistics.
+// One thread: group sums in tensor order, MMPareto weights, statistics. A group id no
+// tensor uses gets neutral statistics: Gram 0, cosine 0, no conflict, weights 0.5 / 0.5.
 __global__ void groups_kernel(const double* per_tensor, const int64_t* groups, int64_t n_tensors, int64_t n_groups,
                               int32_t method, double alpha, double* gram, double* cos, double* weights,
                               bool* conflict) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   for (int64_t g = 0; g < n_groups * 3; ++g) gram[g] = 0.0;
+  for (int64_t g = 0; g < n_groups; ++g) conflict[g] = false;  // reused below as "has a member"
   for (int64_t t = 0; t < n_tensors; ++t) {
     if (groups[t] < 0) continue;
+    conflict[groups[t]] = true;
     for (int j = 0; j < 3; ++j) gram[groups[t] * 3 + j] += per_tensor[t * 5 + j];
   }
   for (int64_t g = 0; g < n_groups; ++g) {
     const double AA = gram[3 * g], AB = gram[3 * g + 1], BB = gram[3 * g + 2];
+    const bool used = conflict[g];
     double w = 0.5;
-    if (!(AB > 0)) w = AB >= AA ? 0.999 : (AB >= BB ? 0.001 : (BB - AB) / (AA + BB - 2 * AB));
+    if (used && !(AB > 0)) w = AB >= AA ? 0.999 : (AB >= BB ? 0.001 : (BB - AB) / (AA + BB - 2 * AB));
     const double denom = sqrt(AA) * sqrt(BB);
-    cos[g] = denom > 0 ? AB / denom : 0.0;
-    conflict[g] = !(AB > 0);
+    cos[g] = denom == 0 ? 0.0 : AB / denom;  // NaN propagates
+    conflict[g] = used && !(AB > 0);
     weights[2 * g] = method == 0 ? w : (method == 1 ? 0.0 : 1.0);
     weights[2 * g + 1] = method == 0 ? 1 - w : (method == 1 ? alpha : 1.0);
   }
@@ -178,12 +170,8 @@ __global__ void mmpareto_coef_kernel(const double* per_tensor, const int64_t* gr
       cb[t] = 1.0;
       continue;
     }
-    const double aa = per_tensor[t * 5], ab = per_tensor[t * 5 + 1], bb = per_tensor[t * 5 + 2];
     const double w = weights[2 * groups[t]], u = weights[2 * groups[t] + 1];
-    const double nn = fmax(0.0, 4 * (w * w * aa + 2 * w * u * ab + u * u * bb));
-    const double ss = fmax(0.0, aa + 2 * ab + bb);
-    double s = 0.0;
-    if (!(nn <= kZeroRel * 4 * (w * w * aa + u * u * bb))) s = gamma * fmax(sqrt(ss) / sqrt(nn), 1.0);
+    const double s = mmpareto_scale(per_tensor[t * 5], per_tensor[t * 5 + 1], per_tensor[t * 5 + 2], w, u, gamma);
     ca[t] = 2 * s * w;
     cb[t] = 2 * s * u;
   }
@@ -200,31 +188,19 @@ __global__ void finish_kernel(const double* per_tensor_gram, const double* per_t
     finite &= per_tensor_gram[t * 5 + 3] == 0.0;
   }
   *total_norm = sqrt(sq);
-  *clip = max_norm > 0 ? fmin(1.0, max_norm / (*total_norm + 1e-6)) : 1.0;
+  *clip = max_norm > 0 ? clip_coefficient(max_norm, *total_norm) : 1.0;  // keeps a NaN (fmin dropped it)
   *all_finite = finite;
 }
 
 #define MMFAST_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
-Dtype dtype_code(c10::ScalarType s, const char* op, const char* arg, size_t i) {
+Dtype dtype_code(c10::ScalarType s) {  // after check_args: one of the four
   switch (s) {
-    case at::kFloat: return kF32;
     case at::kDouble: return kF64;
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
-    default: TORCH_CHECK_TYPE(false, op, ": ", arg, "[", i, "]: expected a floating dtype, got ", s);
+    default: return kF32;
   }
-}
-
-void check(const at::Tensor& t, const at::Tensor& like, const char* op, const char* arg, size_t i) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", arg, "[", i, "]: expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), op, " (cuda backend): ", arg, "[", i,
-                    "]: expected a tensor on ", like.device(), ", got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", arg, "[", i, "]: expected dtype ",
-                   like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": ", arg, "[", i, "]: expected shape ", like.sizes(), ", got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", arg, "[", i, "]: expected a contiguous tensor");
 }
 
 // The device chunk table of a layout, cached: built once, so a warm-up call before
@@ -259,7 +235,7 @@ const Layout& layout(at::TensorList a, at::TensorList b, at::TensorList o) {
   for (size_t i = 0; i < a.size(); ++i) {
     const int64_t n = a[i].numel();
     const int64_t item = a[i].element_size();
-    const Dtype d = dtype_code(a[i].scalar_type(), "mmfast", "tensors", i);
+    const Dtype d = dtype_code(a[i].scalar_type());
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       host.push_back({static_cast<const char*>(a[i].data_ptr()) + begin * item,
                       static_cast<const char*>(b[i].data_ptr()) + begin * item,
@@ -288,26 +264,16 @@ using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 Stats combine_cuda(at::TensorList out, at::TensorList grads_mm, at::TensorList grads_uni, at::IntArrayRef groups,
                    at::IntArrayRef fusion, c10::string_view method_name, double gamma, double alpha,
                    std::optional<double> max_norm) {
-  const char* op = "mmfast::combine_";
-  const size_t n = out.size();
-  TORCH_CHECK_VALUE(n > 0, op, ": out: expected at least one tensor");
-  TORCH_CHECK_VALUE(grads_mm.size() == n && grads_uni.size() == n, op, ": grads_mm, grads_uni: expected ", n,
-                    " tensors (as out)");
-  TORCH_CHECK_VALUE(groups.size() == n, op, ": groups: expected ", n, " entries");
-  TORCH_CHECK_VALUE(fusion.empty() || fusion.size() == n, op, ": fusion: expected ", n, " entries or none");
   int32_t method = -1;
   if (method_name == "mmpareto") method = 0;
   if (method_name == "dgl") method = 1;
   if (method_name == "sum") method = 2;
-  TORCH_CHECK_VALUE(method >= 0, op, ": method: expected 'mmpareto', 'dgl' or 'sum'");
-  int64_t num_groups = 0;
-  for (size_t i = 0; i < n; ++i) {
-    check(out[i], out[0].is_cuda() ? out[i] : out[0], op, "out", i);
-    check(grads_mm[i], out[i], op, "grads_mm", i);
-    check(grads_uni[i], out[i], op, "grads_uni", i);
-    TORCH_CHECK_VALUE(groups[i] >= -1, op, ": groups[", i, "]: expected a group id >= 0 or -1");
-    num_groups = std::max<int64_t>(num_groups, groups[i] + 1);
-  }
+  TORCH_CHECK_VALUE(method >= 0, "method: expected one of 'mmpareto', 'dgl', 'sum', got '", std::string(method_name),
+                    "'");
+  const int64_t num_groups = check_args(
+      {{"out", out, true}, {"grads_mm", grads_mm, false}, {"grads_uni", grads_uni, false}}, groups, fusion);
+  TORCH_CHECK_VALUE(out[0].is_cuda(), "backend='cuda' needs CUDA tensors, got tensors on ", out[0].device());
+  const size_t n = out.size();
   c10::cuda::CUDAGuard guard(out[0].device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Layout& lay = layout(grads_mm, grads_uni, out);
@@ -382,17 +348,9 @@ Stats combine_cuda(at::TensorList out, at::TensorList grads_mm, at::TensorList g
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cuda(at::TensorList grads, at::IntArrayRef groups,
                                                                      std::optional<double> max_norm) {
-  const char* op = "mmfast::clip_";
+  const int64_t num_groups = check_args({{"grads", grads, true}}, groups, {});
+  TORCH_CHECK_VALUE(grads[0].is_cuda(), "backend='cuda' needs CUDA tensors, got tensors on ", grads[0].device());
   const size_t n = grads.size();
-  TORCH_CHECK_VALUE(n > 0, op, ": grads: expected at least one tensor");
-  TORCH_CHECK_VALUE(groups.size() == n, op, ": groups: expected ", n, " entries");
-  int64_t num_groups = 0;
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(grads[i].defined() && grads[i].is_cuda() && grads[i].device() == grads[0].device(), op,
-                      ": grads[", i, "]: expected a tensor on ", grads[0].device());
-    TORCH_CHECK_VALUE(grads[i].is_contiguous(), op, ": grads[", i, "]: expected a contiguous tensor");
-    num_groups = std::max<int64_t>(num_groups, groups[i] + 1);
-  }
   c10::cuda::CUDAGuard guard(grads[0].device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Layout& lay = layout(grads, grads, grads);

@@ -1,7 +1,8 @@
 // K objectives on CUDA tensors: mmfast::gram_k and mmfast::combine_k_ (see
 // csrc/cpu/multi.cpp for the contract). One block per chunk; each thread keeps its
-// K(K+1)/2 fp32 pair sums, reduced per pair over the block; per-tensor sums of the
-// chunk partials in chunk order on the device (no atomics, no host sync).
+// K(K+1)/2 fp64 pair sums (fp32 products are exact in fp64), reduced per pair over the
+// block; per-tensor sums of the chunk partials in chunk order on the device (no atomics,
+// no host sync). The combine forms sum_k c_k g_k in fp64 with fp64 coefficients.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,12 +14,13 @@
 #include <cstring>
 #include <vector>
 
+#include "../precision.h"
+
 namespace mmfast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxK = 16;
-constexpr int64_t kChunk = 1 << 15;
 enum Dtype : int32_t { kF32, kF64, kBF16, kF16 };
 
 struct MultiChunk {
@@ -29,29 +31,29 @@ struct MultiChunk {
   int32_t dtype;
 };
 
-__device__ __forceinline__ float load(const void* p, int64_t i, int32_t d) {
+__device__ __forceinline__ double load(const void* p, int64_t i, int32_t d) {
   switch (d) {
-    case kF64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    case kF64: return static_cast<const double*>(p)[i];
     case kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
     case kF16: return __half2float(static_cast<const __half*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
 }
-__device__ __forceinline__ void store(void* p, int64_t i, int32_t d, float v) {
+__device__ __forceinline__ void store(void* p, int64_t i, int32_t d, double v) {
   switch (d) {
     case kF64: static_cast<double*>(p)[i] = v; break;
-    case kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v); break;
-    case kF16: static_cast<__half*>(p)[i] = __float2half(v); break;
-    default: static_cast<float*>(p)[i] = v;
+    case kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(static_cast<float>(v)); break;
+    case kF16: static_cast<__half*>(p)[i] = __float2half(static_cast<float>(v)); break;
+    default: static_cast<float*>(p)[i] = static_cast<float>(v);
   }
 }
 
 // Sum of v over the block, returned to thread 0.
-__device__ float block_sum(float v, float* smem) {
+__device__ double block_sum(double v, double* smem) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
   if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
   __syncthreads();
-  float s = 0.f;
+  double s = 0.0;
   if (threadIdx.x == 0)
     for (int w = 0; w < kThreads / 32; ++w) s += smem[w];
   __syncthreads();
@@ -59,47 +61,47 @@ __device__ float block_sum(float v, float* smem) {
 }
 
 __global__ void gram_k_kernel(const MultiChunk* chunks, int K, double* partial) {
-  __shared__ float smem[kThreads / 32];
+  __shared__ double smem[kThreads / 32];
   const MultiChunk& c = chunks[blockIdx.x];
-  float s[kMaxK * (kMaxK + 1) / 2];
+  double s[kMaxK * (kMaxK + 1) / 2];
   const int pairs = K * (K + 1) / 2;
-  for (int j = 0; j < pairs; ++j) s[j] = 0.f;
-  float fin = 0.f;
+  for (int j = 0; j < pairs; ++j) s[j] = 0.0;
+  double fin = 0.0;
   for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x) {
-    float x[kMaxK];
+    double x[kMaxK];
     for (int k = 0; k < K; ++k) {
       x[k] = load(c.in[k], i, c.dtype);
       fin += x[k] - x[k];
     }
     int idx = 0;
     for (int p = 0; p < K; ++p)
-      for (int q = 0; q <= p; ++q, ++idx) s[idx] = fmaf(x[p], x[q], s[idx]);
+      for (int q = 0; q <= p; ++q, ++idx) s[idx] = fma(x[p], x[q], s[idx]);
   }
   double* out = partial + blockIdx.x * (K * K + 1);
   int idx = 0;
   for (int p = 0; p < K; ++p) {
     for (int q = 0; q <= p; ++q) {
-      const float v = block_sum(s[idx++], smem);
+      const double v = block_sum(s[idx++], smem);
       if (threadIdx.x == 0) out[p * K + q] = out[q * K + p] = v;
     }
   }
-  const float f = block_sum(fin, smem);
+  const double f = block_sum(fin, smem);
   if (threadIdx.x == 0) out[K * K] = f;
 }
 
 __global__ void combine_k_kernel(const MultiChunk* chunks, int K, const double* coefs, double* partial) {
-  __shared__ float smem[kThreads / 32];
+  __shared__ double smem[kThreads / 32];
   const MultiChunk& c = chunks[blockIdx.x];
-  float w[kMaxK];
-  for (int k = 0; k < K; ++k) w[k] = static_cast<float>(coefs[c.tensor * K + k]);
-  float sq = 0.f;
+  double w[kMaxK];
+  for (int k = 0; k < K; ++k) w[k] = coefs[c.tensor * K + k];
+  double sq = 0.0;
   for (int64_t i = threadIdx.x; i < c.n; i += blockDim.x) {
-    float v = 0.f;
-    for (int k = 0; k < K; ++k) v = fmaf(w[k], load(c.in[k], i, c.dtype), v);
+    double v = 0.0;
+    for (int k = 0; k < K; ++k) v = fma(w[k], load(c.in[k], i, c.dtype), v);
     store(c.o, i, c.dtype, v);
-    sq = fmaf(v, v, sq);
+    sq = fma(v, v, sq);
   }
-  const float s = block_sum(sq, smem);
+  const double s = block_sum(sq, smem);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 

@@ -13,7 +13,7 @@ py=$root/${VENV:-.venv}/bin/python
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/mmfast-sdist-check.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 log=$tmp/log
-step() { echo "sdist-check: $1"; }
+step() { echo "sdist-check: [${SECONDS}s] $1"; }
 quiet() {  # run "$@" with its output in $log, shown only when it fails
   if ! "$@" >"$log" 2>&1; then cat "$log" >&2; echo "sdist-check: FAILED: $*" >&2; exit 1; fi
 }
@@ -57,3 +57,4 @@ step "built ($MMFAST_CXX_OPT) and installed in $((SECONDS - start)) s"
 
 step "smoke test of the installed package, cwd $tmp"
 (cd "$tmp" && "$vpy" -I "$root/.ci/smoke_installed.py" "$root")
+step "done"

@@ -56,7 +56,7 @@ assert any(f.endswith("licenses/LICENSE") for f in files), f"no LICENSE in the i
 so = [f for f in files if f.startswith("mmfast/_C") and f.endswith(".so")]
 assert len(so) == 1, f"installed {so}: want exactly one mmfast._C"
 dist_info = f"mmfast-{mmfast.__version__}.dist-info"
-stray = [f for f in files if f.split("/")[0] not in ("mmfast", dist_info) and not f.startswith("../")]
+stray = [f for f in files if f.split("/")[0] not in ("mmfast", dist_info)]
 assert not stray, f"installed outside the package: {stray}"
 
 # --- 3. Backends: CPU kernels compiled, Triton (interpreter), the pure-PyTorch paths.

@@ -30,11 +30,11 @@ step "$(basename "$sdist"): $(tar tzf "$sdist" | grep -vc '/$') files"
 
 step "fresh venv in $tmp/venv, reusing the packages of $py"
 base=$("$py" -c 'import sys; print(sys._base_executable)')
-quiet "$base" -m venv "$tmp/venv"
+# --without-pip: a fresh 3.11 venv would otherwise ship setuptools 65.5, which shadows
+# .venv's and cannot read pyproject's `license = "MIT"`. .venv's pip installs into it
+# (`pip --python`), and builds with the venv's interpreter, so with .venv's setuptools.
+quiet "$base" -m venv --without-pip "$tmp/venv"
 vpy=$tmp/venv/bin/python
-# A fresh 3.11 venv ships setuptools 65.5, which would shadow .venv's and cannot read
-# pyproject's `license = "MIT"`: remove it (before the .pth exists, so pip cannot reach .venv's).
-quiet "$vpy" -m pip uninstall -q -y setuptools
 site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # Plain paths (the .pth files inside them are not run: .venv's editable mmfast stays out).
 "$py" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("site-packages")))' >"$site/zz_reuse_venv.pth"
@@ -52,7 +52,7 @@ export MAX_JOBS=${MAX_JOBS:-2}
 # builds and tests the -O3 extension. MMFAST_CXX_OPT=-O3 make sdist-check checks that too.
 export MMFAST_CXX_OPT=${MMFAST_CXX_OPT:--O1}
 start=$SECONDS
-(cd "$tmp" && quiet "$vpy" -m pip install -q --no-index --no-build-isolation "$sdist")
+(cd "$tmp" && quiet "$py" -m pip --python "$vpy" install -q --no-index --no-build-isolation "$sdist")
 step "built ($MMFAST_CXX_OPT) and installed in $((SECONDS - start)) s"
 
 step "smoke test of the installed package, cwd $tmp"

@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed-2
 BUILT := $(VENV)/.mmfast-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup run test test-isa bench table step-bench dist-bench cuda-check clean
+.PHONY: setup run test test-isa bench table step-bench dist-bench cuda-check sdist-check clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: setup
 
 cuda-check:  # MMFAST_CUDA_VENV=/path reuses a venv with a CUDA torch (see .ci/cuda_check.sh)
 	bash .ci/cuda_check.sh
+
+# The package as a user gets it: sdist -> fresh venv outside the checkout (reusing .venv's
+# torch through a .pth) -> pip install -> .ci/smoke_installed.py from outside the tree.
+sdist-check: $(DEPS)
+	bash .ci/sdist_check.sh
 
 clean:
 	rm -rf $(VENV) .venv-cuda build *.egg-info mmfast/_C*.so

@@ -12,7 +12,7 @@ from .dgl import DGL
 from .mmpareto import MMPareto
 from .multi_objective import MultiObjective
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["MMPareto", "DGL", "MultiObjective", "combine_", "aggregate_", "AggregateStats", "CombineStats", "DGLStats", "clip_grad_norm_", "ClipStats", "BackendInfo", "backends", "__version__"]
 
 

@@ -62,30 +62,25 @@ def combine_sharded_(a: list, b: list, groups: list, *, gamma: float, owner: str
     and everything after that (group sums, weights, the per-tensor rescale) is the same
     for every rank; the combine itself is local.
     """
-    from ._args import CombineArgs
-    from ._device_math import group_sums, mmpareto_coefficients
-    from .foreach import _axpby
-    from .reference import group_stats
+    from ._device_math import group_layout, mmpareto_coefficients
+    from .reference import dot64, group_stats
 
     al = [local(x).reshape(-1) for x in a]
     bl = [local(y).reshape(-1) for y in b]
     dev = al[0].device
     rows = torch.zeros(len(al), 4, dtype=torch.float64, device=dev)
     for i, (x, y) in enumerate(zip(al, bl)):
-        x64, y64 = x.double(), y.double()
-        rows[i, 0], rows[i, 1], rows[i, 2] = x64 @ x64, x64 @ y64, y64 @ y64
-        rows[i, 3] = (~torch.isfinite(x64)).sum() + (~torch.isfinite(y64)).sum()
+        rows[i, 0], rows[i, 1], rows[i, 2] = dot64(x, x), dot64(x, y), dot64(y, y)
+        rows[i, 3] = (~torch.isfinite(x)).sum() + (~torch.isfinite(y)).sum()
     sum_over_shards(rows, a, owner)
-    num_groups = max(groups) + 1
-    args = CombineArgs(al, al, bl, "mmpareto", groups, num_groups, [False] * len(al), gamma, 1.0, None)
+    lay = group_layout(groups, max(groups) + 1, None, dev)
     per_tensor = rows[:, :3]
-    gram = group_sums(per_tensor, groups, num_groups)
-    stats = group_stats("mmpareto", gram, 1.0, None, None, None)
-    ca, cb = mmpareto_coefficients(per_tensor, stats.w_mm, args)
+    stats = group_stats("mmpareto", lay.group_sums(per_tensor), 1.0, None, None, None, empty=lay.empty)
+    ca, cb = mmpareto_coefficients(per_tensor, stats.w_mm, lay, gamma)
     sq = torch.zeros(len(al), 1, dtype=torch.float64, device=dev)
     for i, (x, y) in enumerate(zip(al, bl)):
-        _axpby(x, x, y, ca[i], cb[i])
-        sq[i, 0] = x.double() @ x.double()
+        x.copy_(ca[i] * x.double() + cb[i] * y.double())  # fp64 coefficients, one rounding
+        sq[i, 0] = dot64(x, x)
     sum_over_shards(sq, a, owner)
     total = sq.sum().sqrt()
     return stats._replace(total_norm=total, clip_coef=torch.ones_like(total), all_finite=rows[:, 3].sum() == 0)

@@ -24,7 +24,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 setup: $(BUILT)
 
 run: setup
-	$(PY) examples/mfeat.py
+	$(PY) examples/mfeat.py --plot docs/mfeat.png
 
 table: setup
 	$(PY) bench/table.py

@@ -20,6 +20,7 @@ itself is not imported; nothing is downloaded):
     .venv/bin/python examples/mfeat.py               # 3 seeds, about 20 s on one core
     .venv/bin/python examples/mfeat.py --quick       # 1 seed, few epochs (smoke test)
     .venv/bin/python examples/mfeat.py --views fourier morphological --seeds 5
+    .venv/bin/python examples/mfeat.py --log mfeat.csv        # per-epoch statistics as CSV
 
 Methods (same model, optimiser and data for all; SEMANTICS.md has the maths):
 
@@ -41,13 +42,16 @@ logistic regression fitted after training on the frozen encoder's features, the
 same measurement for every method.
 
 Statistics stay device tensors during training (one list entry per step) and are
-converted once at the end; the progress bar reads the loss once per epoch.
+converted once at the end; the progress bar (tqdm) reads the loss once per epoch, and
+``--log FILE.csv`` writes each epoch's mean of ``stats.as_dict()``.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 import mmfast
 
@@ -194,7 +199,7 @@ class UniformStep:
         stats = mmfast.combine_(g_mm, g_mm, g_uni, method="sum", groups=self.groups)  # g_mm <- g_mm + g_uni
         for p, g in zip(self.params, g_mm):
             p.grad = g
-        return stats
+        return stats._replace(names=("a", "b"))  # the helpers' group names, for the log
 
 
 def make_step(method: str, model: nn.Module, args):
@@ -260,7 +265,25 @@ def collect(stats_list: list) -> dict:
     }
 
 
-def train_one(method: str, seed: int, split: dict, args, progress) -> dict:
+def epoch_row(method: str, seed: int, epoch: int, loss: float, stats_list: list) -> dict:
+    """One CSV row: the epoch's mean loss and the mean of each scalar of ``stats.as_dict()``
+    over the epoch's steps (per-group values flattened as ``key/group``)."""
+    row = {"method": method, "seed": seed, "epoch": epoch, "loss": loss}
+    sums: dict = {}
+    for stats in stats_list:
+        if stats is None:
+            continue
+        for key, value in stats.as_dict().items():
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+            for group, v in items:
+                name = key if group is None else f"{key}/{group}"
+                sums[name] = sums.get(name, 0.0) + float(v)
+    n = sum(s is not None for s in stats_list)
+    row.update({k: v / n for k, v in sums.items()})
+    return row
+
+
+def train_one(method: str, seed: int, split: dict, args, progress, log: list) -> dict:
     torch.manual_seed(seed)
     x_a, x_b, y = split["train"]
     model = build_model(method, x_a.shape[1], x_b.shape[1], args.hidden)
@@ -269,6 +292,7 @@ def train_one(method: str, seed: int, split: dict, args, progress) -> dict:
     gen = torch.Generator().manual_seed(seed)
     stats_list = []
     for epoch in range(args.epochs):
+        first = len(stats_list)
         loss_sum = torch.zeros(())
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), args.batch_size):
@@ -279,8 +303,11 @@ def train_one(method: str, seed: int, split: dict, args, progress) -> dict:
             stats_list.append(step(loss_mm, loss_a, loss_b))
             opt.step()
             loss_sum += (loss_b if method == "single" else loss_mm).detach()
-        progress.update(f"{method} seed {seed} epoch {epoch + 1}/{args.epochs} "
-                        f"loss {loss_sum.item() / math.ceil(len(y) / args.batch_size):.3f}")  # one sync per epoch
+        loss = loss_sum.item() / math.ceil(len(y) / args.batch_size)  # one sync per epoch
+        if args.log:
+            log.append(epoch_row(method, seed, epoch + 1, loss, stats_list[first:]))
+        progress.set_postfix_str(f"{method} seed {seed} epoch {epoch + 1}/{args.epochs} loss {loss:.3f}", refresh=False)
+        progress.update(1)
     acc = evaluate(model, *split["test"])
     (xt_a, xt_b, yt) = split["test"]
     acc["probe_a"] = linear_probe(model.enc_a, x_a, y, xt_a, yt)
@@ -289,37 +316,6 @@ def train_one(method: str, seed: int, split: dict, args, progress) -> dict:
 
 
 # ----------------------------------------------------------------------------- progress, table, plot
-
-
-class Progress:
-    """tqdm on stderr if installed, else a one-line text bar."""
-
-    def __init__(self, total: int):
-        self.total, self.n, self.t0 = total, 0, time.perf_counter()
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, file=sys.stderr, unit="epoch", dynamic_ncols=True)
-
-    def update(self, text: str) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-            return
-        width = 30
-        done = int(width * self.n / self.total)
-        elapsed = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {elapsed:5.0f}s  {text:<48}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\n")
 
 
 def mean_std(values) -> str:
@@ -432,34 +428,95 @@ def plot(results: dict, views: list[str], path: str, steps_per_epoch: int) -> No
 # ----------------------------------------------------------------------------- main
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+ROWS_PER_CLASS = 200  # the data set: 200 digits of each class
+QUICK = {"seeds": 1, "epochs": 5}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--views", nargs=2, metavar="NAME", default=["pixel", "morphological"], choices=list(VIEWS),
-                   help="the two views (a strong and a weak one by default)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method (each: own split and initialisation)")
-    p.add_argument("--epochs", type=int, default=40, help="epochs per run")
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--hidden", type=int, default=64, help="encoder width and feature size")
-    p.add_argument("--test-per-class", type=int, default=50, help="test rows per class (of 200)")
-    p.add_argument("--gamma", type=float, default=1.5, help="MMPareto magnitude factor")
-    p.add_argument("--alpha", type=float, default=4.0, help="DGL factor on the unimodal losses")
-    p.add_argument("--max-norm", type=float, default=40.0, help="DGL gradient clip")
-    p.add_argument("--threads", type=int, default=1,
+                   help=f"the two views, a strong and a weak one by default (choices: {', '.join(VIEWS)})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to run (single: each view trained alone, a reference row)")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="seeds per method, each with its own split and initialisation (default 3; 1 with --quick)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 40; 5 with --quick)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="mini-batch size")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--hidden", type=positive_int, default=64, help="encoder width and feature size")
+    p.add_argument("--test-per-class", type=positive_int, default=50,
+                   help=f"test rows per class (of {ROWS_PER_CLASS}; the rest train)")
+    p.add_argument("--gamma", type=positive_float, default=1.5, help="MMPareto magnitude factor")
+    p.add_argument("--alpha", type=positive_float, default=4.0, help="DGL factor on the unimodal losses")
+    p.add_argument("--max-norm", type=positive_float, default=40.0, help="DGL gradient clip (total L2 norm)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (1: the models are tiny, and two threads made each step far slower here)")
     p.add_argument("--plot", default="mfeat.png", help="PNG path for the plot, or 'none'")
-    p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke test")
+    p.add_argument("--log", default=None, metavar="CSV",
+                   help="write one CSV row per (method, seed, epoch): mean loss and the mean of each "
+                        "statistic of stats.as_dict() over the epoch (pandas.read_csv or TensorBoard's "
+                        "HParams/CSV import read it)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke test (conflicts with --seeds/--epochs)")
     args = p.parse_args(argv)
     if args.views[0] == args.views[1]:
         p.error("--views: pick two different views")
-    if args.quick:
-        args.seeds, args.epochs = 1, 5
+    if args.test_per_class >= ROWS_PER_CLASS:
+        p.error(f"--test-per-class: expected at most {ROWS_PER_CLASS - 1} (each class has {ROWS_PER_CLASS} rows "
+                f"and training needs at least one), got {args.test_per_class}")
+    for name in ("seeds", "epochs"):
+        given = getattr(args, name)
+        if args.quick and given is not None:
+            p.error(f"--quick sets --{name} {QUICK[name]}; pass one or the other")
+        if given is None:
+            setattr(args, name, QUICK[name] if args.quick else {"seeds": 3, "epochs": 40}[name])
+    for flag, path in (("--plot", None if args.plot == "none" else args.plot), ("--log", args.log)):
+        if path is not None and not writable(path):
+            p.error(f"{flag}: cannot write {path!r} (its folder is missing or not writable)")
     if args.plot != "none" and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib (.venv/bin/pip install matplotlib), or pass --plot none")
     return args
+
+
+def writable(path: str) -> bool:
+    """Whether ``path`` can be created or overwritten, checked before any work."""
+    folder = Path(path).resolve().parent
+    target = Path(path)
+    if target.is_dir():
+        return False
+    if target.exists():
+        return os.access(target, os.W_OK)
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def write_log(rows: list, path: str) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv=None) -> None:
@@ -473,12 +530,12 @@ def main(argv=None) -> None:
           f"{args.views[1]} ({xs[1].shape[1]} features); {n_train} train / {len(labels) - n_train} test per seed; "
           f"mmfast backend {cpu_backend()}", flush=True)
 
-    progress = Progress(len(args.methods) * args.seeds * args.epochs)
-    results = {m: [] for m in args.methods}
-    for seed, split in enumerate(splits):
-        for method in args.methods:
-            results[method].append(train_one(method, seed, split, args, progress))
-    progress.close()
+    results, log = {m: [] for m in args.methods}, []
+    with tqdm(total=len(args.methods) * args.seeds * args.epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True,
+              mininterval=0.2 if sys.stderr.isatty() else 10.0) as progress:  # a log file gets a line per 10 s
+        for seed, split in enumerate(splits):
+            for method in args.methods:
+                results[method].append(train_one(method, seed, split, args, progress, log))
 
     print(f"\nmean ± std over {args.seeds} seed(s); {args.epochs} epochs, SGD lr {args.lr} momentum 0.9, "
           f"batch {args.batch_size}\n")
@@ -490,6 +547,9 @@ def main(argv=None) -> None:
     if args.plot != "none":
         plot(results, args.views, args.plot, math.ceil(n_train / args.batch_size))
         print(f"plot: {args.plot}")
+    if args.log:
+        write_log(log, args.log)
+        print(f"log: {args.log} ({len(log)} rows)")
     print(f"wall time: {time.perf_counter() - t0:.1f} s ({args.threads} torch thread(s))")
 
 

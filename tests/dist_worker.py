@@ -90,6 +90,8 @@ def step_losses(net, x_a, x_v, y, *, scenario, step, rank, world):
         # rank 0's half takes the branch; the reference: the first half of the batch
         extra = rank == 0 if world > 1 else torch.arange(len(y)) < len(y) // 2
     out, out_a, out_v = net(x_a, x_v, extra=extra)
+    if scenario == "fail" and step == 1 and rank == 1:  # user code raising mid-training on one rank
+        raise RuntimeError("rank 1 fails at step 1")
     if scenario == "uneven" and step == STEPS - 1 and world == 1:  # the mean of the two ranks' means
         return tuple((ce(o[:8], y[:8]) + ce(o[8:], y[8:])) / 2 for o in (out, out_a, out_v))
     l_mm, l_a, l_v = ce(out, y), ce(out_a, y), ce(out_v, y)

@@ -23,6 +23,18 @@ TORCH_LIBRARY(mmfast, m) {
   // grads[t * K + k] and returns the per-tensor squared norms of out [T].
   m.def("gram_k(Tensor[] grads, int K) -> (Tensor, Tensor)");
   m.def("combine_k_(Tensor(a!)[] out, Tensor[] grads, int K, Tensor coefs) -> Tensor");
+  // The K x K weightings (csrc/solvers.h): G [B, K, K] -> weights [B, K] in G's dtype.
+  // eps: the rounding unit behind the rank cutoffs; orders: pcgrad's K x K order table.
+  m.def(
+      "weighting(Tensor G, str weighting, float c, float norm_eps, int rescale, float reg_eps, float rcond, int main, "
+      "int[] orders, float eps) -> Tensor");
+  // aggregate_'s step between its passes: per-tensor Grams [T, K, K] -> (group Grams [G, K, K],
+  // weights [G, K], combine coefficients [T, K]); layout from mmfast/_multi.py; gamma:
+  // mmpareto's rescale.
+  m.def(
+      "aggregate_weights(Tensor per_tensor, Tensor layout, int num_groups, str weighting, float c, float norm_eps, "
+      "int rescale, float reg_eps, float rcond, int main, int[] orders, float eps, float? gamma) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace mmfast {

@@ -475,11 +475,12 @@ MMFAST_SHD void upgrad(const double* Gn, int K, double reg_eps, double eps, doub
 // feasible there (the exact optimum). The outer search over t: bisection on log t in
 // [|g_mgda| / r, 1 / r] (|g_w(t)| lies in [|g_mgda|, 1] for trace-1 G), each point's QP
 // by Wolfe's algorithm, its corral's root tried first. No root with g_w != 0 (a
-// Pareto-stationary G with c large enough): w* = the MGDA point, g_w* = 0.
+// Pareto-stationary G with c >= 1, or a root below |g_w| = 1e-6): w* = the MGDA point,
+// g_w* = 0.
 // r = 0 (c = 0 or g_0 = 0): the limit t -> inf: the min-norm point of the face
 // argmin b^T w. Returns w* in w; q = |g_w*|.
-MMFAST_SHD int cagrad_inner(const double* Gn, int K, const double* b, double r, double eps, double* w, double& q,
-                            double* ws) {
+MMFAST_SHD int cagrad_inner(const double* Gn, int K, const double* b, double r, double g0n, double eps, double* w,
+                            double& q, double* ws) {
   double* L = ws;
   int S[kMaxK], n;
   auto norm_of = [&](const double* x) {
@@ -507,23 +508,31 @@ MMFAST_SHD int cagrad_inner(const double* Gn, int K, const double* b, double r, 
   }
   min_norm(Gn, K, all_of(K), nullptr, 0, eps, w, S, n, L);
   const double m = norm_of(w);
+  if (m < 1e-6 && r >= g0n) {
+    // 0 in the hull (to |g_w|'s precision) and c >= 1: F(w) >= |g_w| (r - |g_0|) >= 0 =
+    // F at g_w = 0, so g_w = 0 is optimal (c = 1: tied with g_w opposite to g_0; the
+    // tie goes to 0, as torchjd's answer).
+    q = m;
+    return 0;
+  }
   double best[kMaxK];
   for (int k = 0; k < K; ++k) best[k] = w[k];
   double a0[kMaxK], a1[kMaxK], x[kMaxK], gx[kMaxK];
-  double lo = fmax(m, 1e-18) / r, hi = 1 / r;
+  // |g_w| is known to about sqrt(fp64 rounding) (it is the root of an fp64 |g_w|^2), so
+  // the search starts at |g_w| = 1e-6 at the least: a root below it is a Pareto-stationary
+  // point (weights 0 for any norm_eps >= 1e-6; the point at lo otherwise).
+  double lo = fmax(m, 1e-6) / r, hi = 1 / r;
   if (!(hi > lo)) hi = lo;  // |g_mgda| ~ 1: the root is at lo
   const double tol = 1024 * (K + 1) * kEps64;  // feasibility of a piece's root
-  bool have_lo_sign = m > 0;  // phi(lo) >= 0 is known when m > 0
   double t = lo;
   int evals = 0;
   for (; evals < kCagradEvals; ++evals) {
     min_norm(Gn, K, all_of(K), b, t, eps, x, S, n, L);
     const double f = norm_of(x);
     const bool above = f - r * t > 0;  // phi(t) > 0: the root is beyond t
-    if (evals == 0 && !have_lo_sign && !above) {
-      // |g_w(t)| <= r t already for tiny t: no root with g_w != 0. The MGDA point.
-      q = m;
-      return evals + 1;
+    if (evals == 0 && !above) {  // the root is at or below lo: keep x(lo)
+      for (int k = 0; k < K; ++k) best[k] = x[k];
+      break;
     }
     if (above) lo = t;
     else hi = t;
@@ -599,7 +608,7 @@ MMFAST_SHD void cagrad(const double* Gn, int K, const Params& p, double* w, doub
   }
   const double r = p.c * sqrt(g0 > 0 ? g0 : 0.0);
   double q = 0;
-  cagrad_inner(Gn, K, b, r, p.eps, ws_w, q, ws);
+  cagrad_inner(Gn, K, b, r, sqrt(g0 > 0 ? g0 : 0.0), p.eps, ws_w, q, ws);
   const double scale = p.rescale == 1 ? 1 / (1 + p.c * p.c) : p.rescale == 2 ? 1 / (1 + p.c) : 1.0;
   const bool keep = q >= p.norm_eps && q > 0;
   for (int k = 0; k < K; ++k) w[k] = keep ? (1.0 / K + r / q * ws_w[k]) * scale : 0.0;

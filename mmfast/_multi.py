@@ -4,9 +4,12 @@ Two passes over the K buffers, as ``combine_`` does for two, and one small op be
 
 1. ``_gram_k``: per-tensor ``K x K`` fp64 Gram matrices in one read of the K gradients.
 2. ``_weigh_and_combine``: the group sums of those, every group's weighting solved
-   exactly (``mmfast::aggregate_weights``: csrc/solvers.h, one op for all groups, with
-   the mmpareto rescale and the per-tensor coefficients), then ``out_t = sum_k c_tk g_tk``
-   in one more read.
+   exactly (csrc/solvers.h, all groups in one go, with the mmpareto rescale and the
+   per-tensor coefficients), then ``out_t = sum_k c_tk g_tk`` in one more read.
+
+On the cpu and cuda backends ``aggregate_`` is one operator call for all of it
+(``mmfast::aggregate_k_``); ``triton`` runs its two passes around the
+``mmfast::aggregate_weights`` op, the plain-PyTorch backends around torch ops.
 
 The two steps are separate so that a sharded caller (FSDP2: each rank holds a shard of
 every tensor) can all-reduce the per-tensor Grams between them. Only a ``K x K`` matrix
@@ -126,12 +129,14 @@ def _gram_k(grads, *, backend=None, out=None) -> tuple:
     return _gram_torch(grads, K)
 
 
-def _weigh_and_combine(out, grads, per_tensor, all_finite, *, weighting: str = "upgrad", groups=None,
+def _weigh_and_combine(out, grads, per_tensor, all_finite=None, *, weighting: str = "upgrad", groups=None,
                        num_groups=None, gamma: float = 1.5, backend=None, **weighting_kw) -> AggregateStats:
     """Step 2: group sums of ``per_tensor`` (the per-tensor Grams of step 1, possibly
     all-reduced across ranks), the weighting of every group, the mmpareto rescale, and
     ``out_t = sum_k c_tk g_tk``. ``groups``: one id per tensor (-1 outside); default one
-    group. Returns the stats (total_norm over this process's ``out``)."""
+    group. ``all_finite``: step 1's (default: whether ``per_tensor`` is finite). Returns
+    the stats (total_norm over this process's ``out``). On the cpu and cuda backends this
+    is one op (``mmfast::aggregate_k_`` given ``per_tensor``)."""
     K, T = len(grads), len(out)
     if groups is None:
         groups = [0] * T
@@ -142,18 +147,22 @@ def _weigh_and_combine(out, grads, per_tensor, all_finite, *, weighting: str = "
     eps = _solve.rounding_unit(out[0].dtype)
     name = select_backend(backend, out[0].device)
     g = gamma if weighting == "mmpareto" else None
+    if _fused(name):
+        gram, w, total_norm, finite = torch.ops.mmfast.aggregate_k_(
+            out, _flat(grads), K, per_tensor, lay.table, num_groups, weighting, *args, eps, g)
+        return AggregateStats(gram, w, total_norm, finite if all_finite is None else all_finite)
     if _C is not None and K <= _solve.MAX_K and _solve.has_kernel(per_tensor.device):
         gram, w, coefs = torch.ops.mmfast.aggregate_weights(per_tensor, lay.table, num_groups, weighting, *args, eps, g)
     else:
         gram, w, coefs = _weights_torch(per_tensor, lay, num_groups, weighting, g, eps, weighting_kw)
-    if _fused(name):
-        sq = torch.ops.mmfast.combine_k_(out, _flat(grads), K, coefs)
-    elif name == "triton":
+    if name == "triton":
         from .kernels.multi import combine_k_triton
 
         sq = combine_k_triton(out, grads, coefs)
     else:
         sq = _combine_torch(out, grads, coefs)
+    if all_finite is None:
+        all_finite = torch.isfinite(per_tensor).all()
     return AggregateStats(gram, w, sq.sum().sqrt(), all_finite)
 
 
@@ -179,11 +188,19 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
     out, grads, groups, num_groups = _check(out, grads, groups)
     if weighting == "mmpareto":
         gamma = real("gamma", gamma, positive=True)
-    _solve.op_args(weighting, len(grads), weighting_kw)  # a bad weighting fails before any pass
+    K = len(grads)
+    args = _solve.op_args(weighting, K, weighting_kw)  # a bad weighting fails before any pass
+    name = select_backend(backend, out[0].device)
     with torch.no_grad():
-        per_tensor, all_finite = _gram_k(grads, backend=backend, out=out)
+        if _fused(name):  # one op: both passes and the weighting step
+            lay = _layout(groups, num_groups, out[0].device)
+            gram, w, total_norm, all_finite = torch.ops.mmfast.aggregate_k_(
+                out, _flat(grads), K, None, lay.table, num_groups, weighting, *args,
+                _solve.rounding_unit(out[0].dtype), gamma if weighting == "mmpareto" else None)
+            return AggregateStats(gram, w, total_norm, all_finite)
+        per_tensor, all_finite = _gram_k(grads, backend=name, out=out)
         return _weigh_and_combine(out, grads, per_tensor, all_finite, weighting=weighting, groups=groups,
-                                  num_groups=num_groups, gamma=gamma, backend=backend, **weighting_kw)
+                                  num_groups=num_groups, gamma=gamma, backend=name, **weighting_kw)
 
 
 # ---------------------------------------------------------------- pure PyTorch (no extension)

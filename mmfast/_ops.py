@@ -75,3 +75,10 @@ def _register_multi_fake() -> None:
         T, K = per_tensor.shape[0], per_tensor.shape[1]
         return (per_tensor.new_empty((num_groups, K, K)), per_tensor.new_empty((num_groups, K)),
                 per_tensor.new_empty((T, K)))
+
+    @torch.library.register_fake("mmfast::aggregate_k_")
+    def _(out, grads, K, per_tensor, layout, num_groups, weighting, c, norm_eps, rescale, reg_eps, rcond, main,
+          orders, eps, gamma):
+        f64 = dict(dtype=torch.float64)
+        return (out[0].new_empty((num_groups, K, K), **f64), out[0].new_empty((num_groups, K), **f64),
+                out[0].new_empty((), **f64), out[0].new_empty((), dtype=torch.bool))

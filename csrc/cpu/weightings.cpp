@@ -11,6 +11,7 @@
 
 #include "../precision.h"
 #include "../weighting_args.h"
+#include "weightings.h"
 
 namespace mmfast::cpu {
 namespace {
@@ -39,32 +40,22 @@ at::Tensor weighting_cpu(const at::Tensor& G, const std::string& method, double 
   const double* g = G64.const_data_ptr<double>();
   double* out = w.data_ptr<double>();
   for_groups(B, [&](int64_t b, int64_t e) {
-    std::vector<double> ws(solve::workspace(static_cast<int>(K)));
-    for (int64_t i = b; i < e; ++i) solve::weigh(g + i * K * K, p, out + i * K, ws.data());
+    double ws[solve::workspace(solve::kMaxK)];
+    for (int64_t i = b; i < e; ++i) solve::weigh(g + i * K * K, p, out + i * K, ws);
   });
   return G.scalar_type() == at::kDouble ? w : w.to(G.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_weights_cpu(
-    const at::Tensor& per_tensor, const at::Tensor& layout, int64_t num_groups, const std::string& method, double c,
-    double norm_eps, int64_t rescale, double reg_eps, double rcond, int64_t main, at::IntArrayRef orders, double eps,
-    std::optional<double> gamma) {
+}  // namespace
+
+void aggregate_weights_into(const double* per, int64_t T, int64_t K, const int64_t* ids, int64_t G,
+                            const solve::Params& p, std::optional<double> gamma, double* gs, double* w, double* cf) {
   const char* op = "mmfast::aggregate_weights";
-  check_layout(op, per_tensor, layout, num_groups);
-  TORCH_CHECK_VALUE(per_tensor.device().is_cpu(), op, ": per_tensor: expected a CPU tensor");
-  const int64_t T = per_tensor.size(0), K = per_tensor.size(1), G = num_groups, KK = K * K;
-  const solve::Params p = make_params(op, K, method, c, norm_eps, rescale, reg_eps, rcond, main, orders, eps);
-  const int64_t* ids = layout.const_data_ptr<int64_t>();
+  const int64_t KK = K * K;
   const int64_t* first = ids + T;
   const int64_t* order = first + G + 2;
   TORCH_CHECK_VALUE(first[0] == 0 && first[G + 1] == T, op, ": layout: bad offsets");
-  const double* per = per_tensor.const_data_ptr<double>();
-  at::Tensor gram = at::zeros({G, K, K}, per_tensor.options());
-  at::Tensor w = at::empty({G, K}, per_tensor.options());
-  at::Tensor coefs = at::empty({T, K}, per_tensor.options());
-  double* gs = gram.data_ptr<double>();
-  double* ws_out = w.data_ptr<double>();
-  double* cf = coefs.data_ptr<double>();
+  for (int64_t i = 0; i < G * KK; ++i) gs[i] = 0;
   for (int64_t g = 0; g <= G; ++g) {  // group sums in tensor order: deterministic
     TORCH_CHECK_VALUE(first[g] <= first[g + 1], op, ": layout: bad offsets");
     for (int64_t i = first[g]; i < first[g + 1]; ++i) {
@@ -75,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_weights_cpu(
     }
   }
   for_groups(G, [&](int64_t b, int64_t e) {
-    std::vector<double> ws(solve::workspace(static_cast<int>(K)));
-    for (int64_t g = b; g < e; ++g) solve::weigh(gs + g * KK, p, ws_out + g * K, ws.data());
+    double ws[solve::workspace(solve::kMaxK)];
+    for (int64_t g = b; g < e; ++g) solve::weigh(gs + g * KK, p, w + g * K, ws);
   });
   const bool rescaled = gamma.has_value() && p.method == solve::kMmpareto;
   for (int64_t t = 0; t < T; ++t) {
@@ -86,10 +77,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_weights_cpu(
       for (int64_t k = 0; k < K; ++k) ct[k] = 1.0;
       continue;
     }
-    const double* wt = ws_out + g * K;
+    const double* wt = w + g * K;
     const double s = rescaled ? solve::mmpareto_scale_k(per + t * KK, wt, static_cast<int>(K), *gamma) : 1.0;
     for (int64_t k = 0; k < K; ++k) ct[k] = wt[k] * s;
   }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_weights_cpu(
+    const at::Tensor& per_tensor, const at::Tensor& layout, int64_t num_groups, const std::string& method, double c,
+    double norm_eps, int64_t rescale, double reg_eps, double rcond, int64_t main, at::IntArrayRef orders, double eps,
+    std::optional<double> gamma) {
+  const char* op = "mmfast::aggregate_weights";
+  check_layout(op, per_tensor, layout, num_groups);
+  TORCH_CHECK_VALUE(per_tensor.device().is_cpu(), op, ": per_tensor: expected a CPU tensor");
+  const int64_t T = per_tensor.size(0), K = per_tensor.size(1), G = num_groups;
+  const solve::Params p = make_params(op, K, method, c, norm_eps, rescale, reg_eps, rcond, main, orders, eps);
+  at::Tensor gram = at::empty({G, K, K}, per_tensor.options());
+  at::Tensor w = at::empty({G, K}, per_tensor.options());
+  at::Tensor coefs = at::empty({T, K}, per_tensor.options());
+  aggregate_weights_into(per_tensor.const_data_ptr<double>(), T, K, layout.const_data_ptr<int64_t>(), G, p, gamma,
+                         gram.data_ptr<double>(), w.data_ptr<double>(), coefs.data_ptr<double>());
   return {gram, w, coefs};
 }
 

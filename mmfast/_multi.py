@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from ._args import OUTSIDE, check_tensors, id_list, real, tensor_list
-from ._backends import _C, select_backend
+from ._backends import select_backend
 from .reference import SLICE, is_zero_norm
 from .weightings import _solve
 
@@ -114,6 +114,11 @@ def _fused(name: str) -> bool:
     return name in ("cpu", "cuda")
 
 
+def _one_op(name: str) -> bool:
+    """Whether the whole of aggregate_ is one op (``mmfast::aggregate_k_``) on this backend."""
+    return _fused(name) and _solve.op_has_kernel("aggregate_k_", name)
+
+
 def _gram_k(grads, *, backend=None, out=None) -> tuple:
     """Step 1: ``(per_tensor [T, K, K] float64, all_finite)``, the Gram of each tensor's
     K gradients (fp64 products and sums), before any group sum. ``grads``: K lists of T
@@ -147,15 +152,17 @@ def _weigh_and_combine(out, grads, per_tensor, all_finite=None, *, weighting: st
     eps = _solve.rounding_unit(out[0].dtype)
     name = select_backend(backend, out[0].device)
     g = gamma if weighting == "mmpareto" else None
-    if _fused(name):
+    if _one_op(name):
         gram, w, total_norm, finite = torch.ops.mmfast.aggregate_k_(
             out, _flat(grads), K, per_tensor, lay.table, num_groups, weighting, *args, eps, g)
         return AggregateStats(gram, w, total_norm, finite if all_finite is None else all_finite)
-    if _C is not None and K <= _solve.MAX_K and _solve.has_kernel(per_tensor.device):
+    if K <= _solve.MAX_K and _solve.op_has_kernel("aggregate_weights", per_tensor.device.type):
         gram, w, coefs = torch.ops.mmfast.aggregate_weights(per_tensor, lay.table, num_groups, weighting, *args, eps, g)
     else:
         gram, w, coefs = _weights_torch(per_tensor, lay, num_groups, weighting, g, eps, weighting_kw)
-    if name == "triton":
+    if _fused(name):
+        sq = torch.ops.mmfast.combine_k_(out, _flat(grads), K, coefs)
+    elif name == "triton":
         from .kernels.multi import combine_k_triton
 
         sq = combine_k_triton(out, grads, coefs)
@@ -192,7 +199,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
     args = _solve.op_args(weighting, K, weighting_kw)  # a bad weighting fails before any pass
     name = select_backend(backend, out[0].device)
     with torch.no_grad():
-        if _fused(name):  # one op: both passes and the weighting step
+        if _one_op(name):  # one op: both passes and the weighting step
             lay = _layout(groups, num_groups, out[0].device)
             gram, w, total_norm, all_finite = torch.ops.mmfast.aggregate_k_(
                 out, _flat(grads), K, None, lay.table, num_groups, weighting, *args,

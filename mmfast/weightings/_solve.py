@@ -108,11 +108,22 @@ def _op_args_cached(name: str, K: int, items: tuple) -> tuple:
     return c, norm_eps, rescale, reg_eps, rcond, main, list(orders)
 
 
-def has_kernel(device: torch.device) -> bool:
-    """Whether ``mmfast::weighting`` runs on ``device`` (meta: its shape function)."""
-    if _C is None:
+_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+@functools.lru_cache(maxsize=None)
+def op_has_kernel(op: str, device_type: str) -> bool:
+    """Whether the operator ``mmfast::<op>`` has a kernel for ``device_type`` in this build
+    (meta: its shape function). Asked once per pair."""
+    key = _KEYS.get(device_type)
+    if _C is None or key is None or (device_type == "cuda" and not _CUDA_BUILT):
         return False
-    return device.type in ("cpu", "meta") or (device.type == "cuda" and _CUDA_BUILT)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast::{op}", key)
+
+
+def has_kernel(device: torch.device) -> bool:
+    """Whether ``mmfast::weighting`` runs on ``device``."""
+    return op_has_kernel("weighting", device.type)
 
 
 def check_gram(G) -> int:

@@ -23,6 +23,24 @@ TORCH_LIBRARY(mmfast, m) {
   // grads[t * K + k] and returns the per-tensor squared norms of out [T].
   m.def("gram_k(Tensor[] grads, int K) -> (Tensor, Tensor)");
   m.def("combine_k_(Tensor(a!)[] out, Tensor[] grads, int K, Tensor coefs) -> Tensor");
+  // The K x K weightings (csrc/solvers.h): G [B, K, K] -> weights [B, K] in G's dtype.
+  // eps: the rounding unit behind the rank cutoffs; orders: pcgrad's K x K order table.
+  m.def(
+      "weighting(Tensor G, str weighting, float c, float norm_eps, int rescale, float reg_eps, float rcond, int main, "
+      "int[] orders, float eps) -> Tensor");
+  // aggregate_'s step between its passes: per-tensor Grams [T, K, K] -> (group Grams [G, K, K],
+  // weights [G, K], combine coefficients [T, K]); layout from mmfast/_multi.py; gamma:
+  // mmpareto's rescale.
+  m.def(
+      "aggregate_weights(Tensor per_tensor, Tensor layout, int num_groups, str weighting, float c, float norm_eps, "
+      "int rescale, float reg_eps, float rcond, int main, int[] orders, float eps, float? gamma) "
+      "-> (Tensor, Tensor, Tensor)");
+  // aggregate_ in one call (gram_k, aggregate_weights, combine_k_): returns (group Grams
+  // [G, K, K], weights [G, K], total_norm, all_finite). per_tensor given: no Gram pass.
+  m.def(
+      "aggregate_k_(Tensor(a!)[] out, Tensor[] grads, int K, Tensor? per_tensor, Tensor layout, int num_groups, "
+      "str weighting, float c, float norm_eps, int rescale, float reg_eps, float rcond, int main, int[] orders, "
+      "float eps, float? gamma) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace mmfast {
@@ -63,7 +81,7 @@ int64_t check_args_py(const std::vector<std::string>& names, const std::vector<s
 }  // namespace mmfast
 
 TORCH_LIBRARY_IMPL(mmfast, ADInplaceOrView, m) {
-  for (const char* name : {"combine_", "clip_", "combine_k_"})
+  for (const char* name : {"combine_", "clip_", "combine_k_", "aggregate_k_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mmfast::bump_then_redispatch>());
 }
 

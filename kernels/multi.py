@@ -7,6 +7,7 @@ The objectives are padded to a power of two and masked.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -86,6 +87,11 @@ class _KLayout:
         return torch.segment_reduce(partial, "sum", lengths=self.lengths, axis=0, unsafe=True)
 
 
+def _on(device: torch.device):
+    """A device guard for a CUDA tensor's launches (the interpreter's CPU tensors need none)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 _CACHE: "OrderedDict[tuple, _KLayout]" = OrderedDict()
 
 
@@ -111,8 +117,9 @@ def gram_k_triton(out, grads):
     K, KP = lay.K, lay.KP
     partial = torch.zeros(max(lay.n_chunks, 1), KP * KP + 1, dtype=torch.float64, device=out[0].device)
     if lay.n_chunks:
-        _gram_k_kernel[(lay.n_chunks,)](grads[0][0], lay.table, partial, K=K, KP=KP, ROW=lay.row, ACC=_ACC,
-                                        BLOCK=BLOCK // KP)
+        with _on(out[0].device):  # launch on the tensors' device, not the current one
+            _gram_k_kernel[(lay.n_chunks,)](grads[0][0], lay.table, partial, K=K, KP=KP, ROW=lay.row, ACC=_ACC,
+                                            BLOCK=BLOCK // KP)
     per = lay.per_tensor(partial[: lay.n_chunks])
     gram = per[:, : KP * KP].reshape(-1, KP, KP)[:, :K, :K].contiguous()
     return gram, (per[:, KP * KP] == 0).all()
@@ -123,7 +130,8 @@ def combine_k_triton(out, grads, coefs):
     lay = _layout(out, grads)
     partial = torch.zeros(max(lay.n_chunks, 1), dtype=torch.float64, device=out[0].device)
     if lay.n_chunks:
-        _combine_k_kernel[(lay.n_chunks,)](grads[0][0], out[0], lay.table, coefs.contiguous(), partial, K=lay.K,
-                                           KP=lay.KP, ROW=lay.row, ACC=_ACC, BLOCK=BLOCK // lay.KP)
+        with _on(out[0].device):
+            _combine_k_kernel[(lay.n_chunks,)](grads[0][0], out[0], lay.table, coefs.contiguous(), partial, K=lay.K,
+                                               KP=lay.KP, ROW=lay.row, ACC=_ACC, BLOCK=BLOCK // lay.KP)
     torch.autograd.graph.increment_version(out)  # the kernel wrote through pointers
     return lay.per_tensor(partial[: lay.n_chunks, None])[:, 0]

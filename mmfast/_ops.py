@@ -65,3 +65,20 @@ def _register_multi_fake() -> None:
     @torch.library.register_fake("mmfast::combine_k_")
     def _(out, grads, K, coefs):
         return out[0].new_empty((len(out),), dtype=torch.float64)
+
+    @torch.library.register_fake("mmfast::weighting")
+    def _(G, weighting, c, norm_eps, rescale, reg_eps, rcond, main, orders, eps):
+        return G.new_empty(G.shape[:-1])
+
+    @torch.library.register_fake("mmfast::aggregate_weights")
+    def _(per_tensor, layout, num_groups, weighting, c, norm_eps, rescale, reg_eps, rcond, main, orders, eps, gamma):
+        T, K = per_tensor.shape[0], per_tensor.shape[1]
+        return (per_tensor.new_empty((num_groups, K, K)), per_tensor.new_empty((num_groups, K)),
+                per_tensor.new_empty((T, K)))
+
+    @torch.library.register_fake("mmfast::aggregate_k_")
+    def _(out, grads, K, per_tensor, layout, num_groups, weighting, c, norm_eps, rescale, reg_eps, rcond, main,
+          orders, eps, gamma):
+        f64 = dict(dtype=torch.float64)
+        return (out[0].new_empty((num_groups, K, K), **f64), out[0].new_empty((num_groups, K), **f64),
+                out[0].new_empty((), **f64), out[0].new_empty((), dtype=torch.bool))

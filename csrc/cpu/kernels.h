@@ -49,22 +49,3 @@ void scale_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, 
 const char* simd_level();
 
 }  // namespace mmfast::cpu
-
-namespace mmfast::cpu {
-
-// K objectives (multi.cpp): tensor t's K gradients and its output.
-constexpr int kMaxObjectives = 16;
-struct MultiRef {
-  const void* in[kMaxObjectives];
-  void* out;
-  Dtype dtype;
-};
-
-// partials[c * K * K ...]: the chunk's K x K Gram (fp32 blocks, fp64 across); finite[c].
-void gram_k_chunks(const MultiRef* tensors, int K, const Chunk* chunks, int64_t begin, int64_t end, double* partials,
-                   bool* finite);
-// out = sum_k coefs[t * K + k] * in_k; sq[c] = <out, out> over the chunk.
-void combine_k_chunks(const MultiRef* tensors, int K, const double* coefs, const Chunk* chunks, int64_t begin,
-                      int64_t end, double* sq);
-
-}  // namespace mmfast::cpu

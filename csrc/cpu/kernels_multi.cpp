@@ -1,5 +1,6 @@
 // SIMD loops of the CPU backend, K objectives (see kernels.cpp for the clones).
 #include "kernels_impl.h"
+#include "kernels_multi.h"
 
 namespace mmfast::cpu {
 namespace {
@@ -20,7 +21,10 @@ MMFAST_INLINE void gram_k_range(const MultiRef& t, int k_rt, int64_t begin, int6
   V z = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
-    v8d acc[KM * (KM + 1) / 2][P] = {};
+    // Runtime K (above 8): zero only the k (k + 1) / 2 pairs in use (KM = 32 is 528).
+    v8d acc[KM * (KM + 1) / 2][P];
+    for (int j = 0; j < k * (k + 1) / 2; ++j)
+      for (int r = 0; r < P; ++r) acc[j][r] = v8d{};
     auto step = [&](int64_t i, int64_t len) MMFAST_INLINE_LAMBDA {
       v8d x[KM][P];
       for (int j = 0; j < k; ++j) {

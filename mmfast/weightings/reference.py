@@ -1,4 +1,9 @@
-"""Gramian weightings for K objectives: ``G [..., K, K] -> w [..., K]``.
+"""The pure-PyTorch weightings: the reference the exact solvers are tested against, and
+the fallback where no mmfast kernel exists for G's device (no C++ extension, or a CUDA
+tensor with a CPU-only build). Approximate (a fixed-budget interior point), always
+float64, differentiable; ``mmfast.weightings`` is the public, exact version.
+
+Gramian weightings for K objectives: ``G [..., K, K] -> w [..., K]``.
 
 Each function maps the Gram matrix ``G = J J^T`` of K gradients (``J`` is ``K x N``,
 never formed) to weights ``w`` such that the aggregated direction is

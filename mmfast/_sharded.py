@@ -113,3 +113,25 @@ def clip_sharded_(grads: list, groups: list, max_norm, *, owner: str):
         for dt, xs in by_dtype.items():
             torch._foreach_mul_(xs, coef.to(dt))
     return ClipStats(group_sq, total, coef, rows[:, 1].sum() == 0)
+
+
+def aggregate_sharded_(out: list, grads: list, groups: list, *, weighting: str, backend, owner: str, **kw):
+    """``aggregate_`` on sharded gradients: the per-tensor ``K x K`` Grams of the local
+    shards (step 1 of ``aggregate_``) summed across shards, then step 2 (group sums,
+    weights, rescale, combine) on the local shards; every rank solves the same problems."""
+    from ._multi import _gram_k, _weigh_and_combine
+
+    lo = [local(x) for x in out]
+    lg = [[local(x) for x in gk] for gk in grads]
+    K, T = len(grads), len(out)
+    per_tensor, finite = _gram_k(lg, backend=backend, out=lo)
+    rows = torch.cat([per_tensor.reshape(T, K * K), (~finite).to(torch.float64).expand(T, 1)], dim=1).contiguous()
+    sum_over_shards(rows, out, owner)
+    per_tensor = rows[:, :K * K].reshape(T, K, K)
+    all_finite = rows[:, K * K].sum() == 0
+    num_groups = max(groups) + 1 if groups else 0
+    stats = _weigh_and_combine(lo, lg, per_tensor, all_finite, weighting=weighting, groups=groups,
+                               num_groups=num_groups, backend=backend, **kw)
+    sq = stats.total_norm.square().reshape(1, 1)
+    sum_over_shards(sq, out[:1], owner)  # FSDP2 shards every tensor over the same ranks
+    return stats._replace(total_norm=sq.reshape(()).sqrt())

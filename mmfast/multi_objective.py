@@ -17,7 +17,12 @@ import torch
 
 from ._helper import GroupHelper, apply_update, check_scalar
 from ._multi import AggregateStats, aggregate_
+from ._sharded import aggregate_sharded_, is_sharded
 from .weightings import WEIGHTINGS
+
+
+def _aggregate(out, grads, groups, *, owner, **kw):
+    return aggregate_(out, grads, groups=groups, **kw)
 
 
 class MultiObjective(GroupHelper):
@@ -79,8 +84,8 @@ class MultiObjective(GroupHelper):
             self.end_step()
         stats, present = apply_update(
             params, lay.group_ids, grads, prev, self.names,
-            lambda g, ids: aggregate_(g[0], g, weighting=self.weighting, groups=ids, backend=self.backend,
-                                      **self.weighting_kw))
+            lambda g, ids: (aggregate_sharded_ if any(is_sharded(x) for x in g[0]) else _aggregate)(
+                g[0], g, ids, weighting=self.weighting, backend=self.backend, owner=self.owner, **self.weighting_kw))
         if stats is None:
             f64 = dict(dtype=torch.float64)
             stats = AggregateStats(torch.zeros(0, self.k, self.k, **f64), torch.zeros(0, self.k, **f64),

@@ -77,7 +77,7 @@ def test_training_loops_with_ddp(tmp_path, method, scenario):
     assert_equal_to_one_process(results, ref_grads, ref_params)
 
 
-@pytest.mark.parametrize("method", ["mmpareto", "dgl"])
+@pytest.mark.parametrize("method", ["mmpareto", "dgl", "multi"])
 def test_fsdp2_equals_one_process(tmp_path, method):
     """fully_shard on each encoder and the model: 2 ranks with half the batch each give the
     published step on the whole batch (gathered for the comparison), within 3e-5."""
@@ -123,8 +123,6 @@ def test_a_rank_failing_mid_training_fails_the_others(tmp_path, method, mode):
     """Rank 1 raises at step 1, after a step of communication: rank 0, waiting in a collective
     (mmfast's all-reduces, DDP's or FSDP's), fails within the process group's 15 s timeout
     instead of hanging."""
-    if method == "multi" and mode == "fsdp":
-        pytest.skip("MultiObjective under FSDP2 lands with the split aggregate_ (issue 16)")
     start = time.time()
     results, errors = launch(tmp_path, method, mode, "fail", timeout=90)
     assert "rank 1 fails at step 1" in errors.get(1, ""), errors

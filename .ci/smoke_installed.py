@@ -65,7 +65,7 @@ for name, b in info.items():
     print(f"smoke: backend {name:8s} {'yes' if b.available else 'no: ' + b.reason}")
 for name in ("cpu", "triton", "foreach", "torch"):
     assert info[name].available, (name, info[name])
-from mmfast._backends import _C  # noqa: E402
+from mmfast.ops._backends import _C  # noqa: E402
 
 if torch.version.cuda is None:  # a CPU torch: no CUDA kernels, and backends() must say why
     assert not _C.cuda_built() and not info["cuda"].available

@@ -20,7 +20,7 @@ FAST_BACKENDS = COMPILED + ["foreach"]
 def pytest_report_header(config):
     lines = ["mmfast backends: " + ", ".join(f"{k}={'yes' if v.available else 'no'}" for k, v in mmfast.backends().items())]
     if mmfast.backends()["cpu"].available:
-        from mmfast._backends import _C
+        from mmfast.ops._backends import _C
 
         lines.append(f"mmfast cpu kernels: {_C.simd_level()}, torch threads: {torch.get_num_threads()}")
     return lines

@@ -17,9 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from ._args import CombineArgs
-from ._device_math import group_layout, mmpareto_coefficients
-from ._stats import CombineStats
+from ..ops import CombineArgs, CombineStats, group_layout, mmpareto_coefficients
 from .reference import SLICE, clip_coefficient, group_stats, scale_
 
 BUFFER = 1 << 18  # 2 MB per fp64 temporary: they stay in the caches (fastest of 2^16..2^20 here)

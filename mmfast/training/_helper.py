@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ._backends import BACKENDS, backends
+from ..ops import BACKENDS, backends
 from ._dist import Averaging, GradSync
 from ._graph import Reach, reach
 from ._groups import Groups, Layout

@@ -62,8 +62,8 @@ def combine_sharded_(a: list, b: list, groups: list, *, gamma: float, owner: str
     and everything after that (group sums, weights, the per-tensor rescale) is the same
     for every rank; the combine itself is local.
     """
-    from ._device_math import group_layout, mmpareto_coefficients
-    from .reference import dot64, group_stats
+    from ..ops import group_layout, mmpareto_coefficients
+    from ..pytorch.reference import dot64, group_stats
 
     al = [local(x).reshape(-1) for x in a]
     bl = [local(y).reshape(-1) for y in b]
@@ -89,7 +89,7 @@ def combine_sharded_(a: list, b: list, groups: list, *, gamma: float, owner: str
 def clip_sharded_(grads: list, groups: list, max_norm, *, owner: str):
     """``clip_grad_norm_`` over sharded (and plain) gradients: the squared norms of the
     local shards summed across shards, then every local shard scaled by the coefficient."""
-    from ._clip import ClipStats
+    from ..ops import ClipStats
 
     ls = [local(g) for g in grads]
     dev = ls[0].device

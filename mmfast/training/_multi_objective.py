@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import AggregateStats, aggregate_
+from ..weightings import WEIGHTINGS
 from ._helper import GroupHelper, apply_update, check_scalar
-from ._multi import AggregateStats, aggregate_
-from .weightings import WEIGHTINGS
 
 
 class MultiObjective(GroupHelper):

@@ -17,7 +17,7 @@ import torch
 from ._args import check_tensors, id_list, tensor_list
 from ._backends import select_backend
 from ._device_math import group_layout
-from .reference import SLICE, is_zero_norm
+from ..pytorch.reference import SLICE, is_zero_norm
 
 
 class AggregateStats(NamedTuple):
@@ -84,7 +84,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         backend: ``"cpu"``, ``"cuda"`` or ``"triton"`` (fused), ``"foreach"``/``"torch"``
             (plain PyTorch), or None.
     """
-    from .weightings import weights as weigh
+    from ..weightings import weights as weigh
 
     out, grads, groups, num_groups = _check(out, grads, groups)
     K, T = len(grads), len(out)
@@ -94,7 +94,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         if name in ("cpu", "cuda"):
             per_tensor, all_finite = torch.ops.mmfast.gram_k(flat, K)
         elif name == "triton":
-            from .kernels.multi import gram_k_triton
+            from ..kernels.multi import gram_k_triton
 
             per_tensor, all_finite = gram_k_triton(out, grads)
         else:
@@ -117,7 +117,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         if name in ("cpu", "cuda"):
             sq = torch.ops.mmfast.combine_k_(out, flat, K, coefs)
         elif name == "triton":
-            from .kernels.multi import combine_k_triton
+            from ..kernels.multi import combine_k_triton
 
             sq = combine_k_triton(out, grads, coefs)
         else:

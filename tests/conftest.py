@@ -1,4 +1,9 @@
 import os
+import sys
+
+# The repository root, for testbed/ (the shared models, not installed). Appended: an installed
+# mmfast (make sdist-check) still comes before the checkout's.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Triton runs here only in its interpreter, which must be chosen before the first
 # `import triton`. Decide from the driver, without importing torch.cuda state early.

@@ -1,4 +1,6 @@
-"""The op layer: the three in-place ops (``combine_``, ``clip_grad_norm_``, ``aggregate_``) with their argument checks, statistics, backend discovery and dispatch, and their torch.library registration."""
+"""The op layer: the three in-place ops (``combine_``, ``clip_grad_norm_``, ``aggregate_``)
+with their argument checks, statistics, backend discovery and dispatch, and their
+torch.library registration."""
 # Order matters: ._device_math imports ..pytorch.reference, which imports OUTSIDE,
 # CombineArgs and CombineStats from this package while it is still being initialised,
 # so ._args and ._stats come first.

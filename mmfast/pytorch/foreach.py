@@ -2,7 +2,7 @@
 PyTorch" baseline of the benchmarks, and the fallback where no compiled backend exists.
 
 Exact first (SEMANTICS.md, Precision): every product and sum is fp64. The tensors are
-cut into pieces of at most ``SLICE`` elements (the summation depth of mmfast/reference.py's
+cut into pieces of at most ``SLICE`` elements (the summation depth of reference.py's
 zero rule) and packed into fp64 buffers of at most ``BUFFER`` elements (big tensors a
 few pieces, small ones many to a buffer), which bounds the temporary memory
 and keeps the op count per buffer, not per tensor: per buffer, the Gram pass is three

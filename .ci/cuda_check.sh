@@ -35,7 +35,7 @@ ln -s ../kernels "$src/mmfast/kernels"  # setup.py maps mmfast.kernels to kernel
 cd "$src" && PYTHONPATH="$src" PYTHONNOUSERSITE=1 "$py" - <<'PY'
 import torch
 import mmfast
-from mmfast._backends import _C
+from mmfast.ops._backends import _C
 
 assert mmfast.__file__.startswith(__import__("os").getcwd()), mmfast.__file__
 assert torch.version.cuda, "the cuda-check venv must hold a CUDA build of torch"

@@ -39,8 +39,11 @@ modules = ["mmfast"] + [m.name for m in pkgutil.walk_packages(mmfast.__path__, "
 for name in modules:
     mod = importlib.import_module(name)
     assert under(mod.__file__, site), f"{name} imported from {mod.__file__}, not from {site}"
-for name in ("mmfast._C", "mmfast.kernels", "mmfast.kernels.combine", "mmfast.kernels.multi"):
+for name in ("mmfast._C", "mmfast.kernels", "mmfast.kernels.combine", "mmfast.kernels.multi", "mmfast.ops",
+             "mmfast.training", "mmfast.pytorch.reference", "mmfast.pytorch.foreach", "mmfast.weightings"):
     assert name in modules, f"{name} is not installed ({modules})"
+# The library only: the models bench/ and tests/ share live in testbed/, never installed.
+assert not [m for m in modules if m.rsplit(".", 1)[-1] in ("models", "testbed")], modules
 
 # --- 2. Metadata: one version everywhere, the license, the extras.
 dist = md.distribution("mmfast")
@@ -65,7 +68,7 @@ for name, b in info.items():
     print(f"smoke: backend {name:8s} {'yes' if b.available else 'no: ' + b.reason}")
 for name in ("cpu", "triton", "foreach", "torch"):
     assert info[name].available, (name, info[name])
-from mmfast._backends import _C  # noqa: E402
+from mmfast.ops._backends import _C  # noqa: E402
 
 if torch.version.cuda is None:  # a CPU torch: no CUDA kernels, and backends() must say why
     assert not _C.cuda_built() and not info["cuda"].available

@@ -39,8 +39,9 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.append(os.path.join(HERE, ".."))  # testbed (appended: an installed mmfast still wins)
 import mmfast  # noqa: E402
-from mmfast.models import resnet18_av, resnet18_av_dgl  # noqa: E402
+from testbed.models import resnet18_av, resnet18_av_dgl  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 BATCH, CLASSES = 8, 6

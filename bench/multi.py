@@ -61,7 +61,7 @@ def torchjd_step(out, grads, aggregator):
 
 def before_step(out, grads, weighting):
     """mmfast before issue 16: the fused passes around the pure-PyTorch weightings."""
-    from mmfast import _multi
+    from mmfast.ops import _multi
     from mmfast.weightings import reference
 
     per, _ = _multi._gram_k(grads)

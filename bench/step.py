@@ -4,7 +4,7 @@ and mmfast against its own floor.
     .venv/bin/python bench/step.py [--reps N]
 
 Model: two ResNet-18 encoders (1x64x64 audio, 3x64x64 visual), concat head and two
-unimodal heads (mmfast.models.resnet18_av), batch 8, SGD, on the CPU. The
+unimodal heads (testbed/models.py, resnet18_av), batch 8, SGD, on the CPU. The
 published loops are the literal transcriptions in tests/published.py. Both sides
 get the same inputs; their gradients are checked equal before anything is timed.
 
@@ -32,8 +32,9 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.append(os.path.join(HERE, ".."))  # testbed (appended: an installed mmfast still wins)
 import mmfast  # noqa: E402
-from mmfast.models import resnet18_av, resnet18_av_dgl  # noqa: E402
+from testbed.models import resnet18_av, resnet18_av_dgl  # noqa: E402
 from published import published_dgl_step, published_mmpareto_step  # noqa: E402
 from workloads import median_time, peak_rss_mb  # noqa: E402
 

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from mmfast.models import ResNet18Trunk
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # testbed (appended: an installed mmfast still wins)
+from testbed.models import ResNet18Trunk  # noqa: E402
 
 
 def resnet18_shapes(in_channels: int) -> list:

@@ -11,7 +11,7 @@ Precision (SEMANTICS.md): products and sums in fp64 (fp32 products are exact in 
 a compensated fp32 sum: the passes are memory-bound (three fp64 FMAs per 8 bytes read),
 which data-centre GPUs (fp64 at half the fp32 rate) absorb; a consumer GPU (1/64 rate)
 would be compute-bound here, which is the price of exactness. The weights and scales are device-side
-torch ops (mmfast._device_math) read by the combine kernel through pointers, so
+torch ops (mmfast/ops/_device_math.py) read by the combine kernel through pointers, so
 nothing here synchronises the host and the whole combine can be captured in a CUDA
 graph.
 """
@@ -23,10 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast._args import CombineArgs
-from mmfast._device_math import group_layout, mmpareto_coefficients
-from mmfast._stats import CombineStats
-from mmfast.reference import CHUNK, clip_coefficient, group_stats
+from mmfast.ops import CombineArgs, CombineStats, group_layout, mmpareto_coefficients
+from mmfast.pytorch.reference import CHUNK, clip_coefficient, group_stats
 
 BLOCK = 1024  # lanes per program: 32 products per lane per chunk, then a tree (ZERO_TOL's depth)
 _ACC = tl.float64

@@ -1,4 +1,9 @@
 import os
+import sys
+
+# The repository root, for testbed/ (the shared models, not installed). Appended: an installed
+# mmfast (make sdist-check) still comes before the checkout's.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Triton runs here only in its interpreter, which must be chosen before the first
 # `import triton`. Decide from the driver, without importing torch.cuda state early.
@@ -20,7 +25,7 @@ FAST_BACKENDS = COMPILED + ["foreach"]
 def pytest_report_header(config):
     lines = ["mmfast backends: " + ", ".join(f"{k}={'yes' if v.available else 'no'}" for k, v in mmfast.backends().items())]
     if mmfast.backends()["cpu"].available:
-        from mmfast._backends import _C
+        from mmfast.ops._backends import _C
 
         lines.append(f"mmfast cpu kernels: {_C.simd_level()}, torch threads: {torch.get_num_threads()}")
     return lines

@@ -111,7 +111,7 @@ def test_import_without_extension_warns_once_and_falls_back():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import mmfast, torch\n"
-        "    import mmfast._backends\n"
+        "    import mmfast.ops._backends\n"
         "msgs = [str(x.message) for x in w if 'mmfast' in str(x.message)]\n"
         "assert len(msgs) == 1 and 'mmfast._C' in msgs[0], msgs\n"
         "info = mmfast.backends()\n"

@@ -3,18 +3,19 @@ import pytest
 import torch
 
 import mmfast
+from mmfast.pytorch.reference import CHUNK
 from helpers import assert_close_to_reference, assert_stats_close, make_grads, poisoned_like, reference64
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 METHODS = ["mmpareto", "dgl", "sum"]
 
 # name -> (shapes, groups); sizes straddle the 16-lane vectors, the 1024-element
-# fp32 blocks and the 32768-element chunks.
+# fp32 blocks and the CHUNK-element chunks (the fused kernels' unit of work).
 LAYOUTS = {
     "one_element": ([(1,)], [0]),
     "odd": ([(3,), (17,), (1023,), (1025,), (5, 7, 3)], [0, 0, 1, 1, -1]),
     "with_empty": ([(0,), (31,), (0, 4), (33,)], [0, 0, 1, 1]),
-    "chunk_edges": ([(32767,), (32768,), (32769,), (65537,)], [0, 1, 0, -1]),
+    "chunk_edges": ([(CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 1,)], [0, 1, 0, -1]),
     "many_tiny": ([(i % 5 + 1,) for i in range(300)], [i % 3 - 1 for i in range(300)]),
     "one_huge": ([(1 << 20) + 7], [0]),
     "resnet_like": ([(64, 1, 7, 7), (64,), (64,), (128, 64, 3, 3), (128,), (256, 128, 1, 1), (10, 512), (10,)],

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mmfast
-from mmfast import _args
-from mmfast._backends import _C
+from mmfast.ops import _args
+from mmfast.ops._backends import _C
 
 BACKENDS = [name for name in ("torch", "foreach", "cpu", "triton") if mmfast.backends()[name].available]
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import mmfast
-from mmfast import _backends
-from mmfast._backends import BackendInfo, select_backend
+from mmfast.ops import _backends
+from mmfast.ops._backends import BackendInfo, select_backend
 
 YES, NO = BackendInfo(True, ""), BackendInfo(False, "not here")
 

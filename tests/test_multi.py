@@ -253,7 +253,7 @@ def test_no_host_data_after_first_call(monkeypatch):
 def test_two_steps_equal_one_call(weighting):
     """Issue 17's private steps: _gram_k then _weigh_and_combine (given the per-tensor
     Grams, e.g. all-reduced) give exactly what aggregate_ gives, on every backend path."""
-    from mmfast import _multi
+    from mmfast.ops import _multi
 
     shapes, groups = LAYOUTS["odd"]
     grads = make(shapes, 4, torch.float32, seed=5)

@@ -65,8 +65,9 @@ def test_sdist_carries_nothing_else(sdist):
     generated = {"PKG-INFO", "setup.cfg"}
     extra = sorted(n for n in names - git_files() - generated if not n.startswith("mmfast.egg-info/"))
     assert not extra, f"in the sdist but not sources of the checkout: {extra}"
-    # tests/bench/examples need the whole checkout; half of them would only mislead
-    unwanted = sorted(n for n in names if n.split("/")[0] in ("tests", "bench", "examples", ".ci")
+    # tests/bench/examples (and testbed/, their models) need the whole checkout; half of
+    # them would only mislead
+    unwanted = sorted(n for n in names if n.split("/")[0] in ("tests", "bench", "examples", "testbed", ".ci")
                       or n.endswith((".so", ".o", ".pyc")))
     assert not unwanted, unwanted
 
@@ -213,9 +214,23 @@ def test_setup_py_runs_without_nvcc(tmp_path):
 # ------------------------------------------------------------------ extras
 
 
+def local_module(dotted, search):
+    """The file of a local module or package (``step``, ``testbed.models``) in the first of
+    the `search` folders that has it, or None. mmfast itself is not followed."""
+    if dotted.split(".")[0] == "mmfast":
+        return None
+    for d in search:
+        base = os.path.join(d, *dotted.split("."))
+        for path in (base + ".py", os.path.join(base, "__init__.py")):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
 def imported_modules(folder, search):
     """Top-level names of the modules that folder's .py files import (import statements and
-    pytest.importorskip), following imports of local modules found in `search` folders."""
+    pytest.importorskip), following imports of local modules and packages found in
+    `search` folders."""
     todo = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
     seen, names = set(), set()
     while todo:
@@ -233,12 +248,12 @@ def imported_modules(folder, search):
                 found = [node.args[0].value]
             else:
                 continue
-            for name in (f.split(".")[0] for f in found):
-                local = [os.path.join(d, name + ".py") for d in search if os.path.isfile(os.path.join(d, name + ".py"))]
+            for dotted in found:
+                local = local_module(dotted, search) or local_module(dotted.split(".")[0], search)
                 if local:
-                    todo.append(local[0])
+                    todo.append(local)
                 else:
-                    names.add(name)
+                    names.add(dotted.split(".")[0])
     return names - set(sys.stdlib_module_names) - {"__future__", "torch", "mmfast"}
 
 
@@ -254,7 +269,7 @@ def requirement_names(extra):
             for r in PYPROJECT["project"]["optional-dependencies"][extra]}
 
 
-@pytest.mark.parametrize("extra,folder,search", [("test", "tests", ["tests"]), ("bench", "bench", ["bench", "tests"])])
+@pytest.mark.parametrize("extra,folder,search", [("test", "tests", ["tests", "."]), ("bench", "bench", ["bench", "tests", "."])])
 def test_extras_name_what_is_imported(extra, folder, search):
     """The extra lists exactly the third-party packages the folder needs: what it imports,
     pytest-benchmark if it uses the `benchmark` fixture, triton if it runs the Triton backend

@@ -5,7 +5,7 @@ reference): strong conflict, mixed magnitudes, extreme scales, half inputs, NaN/
 Bars (SEMANTICS.md, Precision): per-tensor norm within 1e-5 relative and every element
 within 3e-4 of the tensor's largest, for fp32 inputs, at 1 thread and the default
 thread count. Why they hold: the Gram is accumulated in fp64 from exact fp32 products
-(error <= 2^-36 of the terms, mmfast/reference.py), so ||n_t||^2, which under
+(error <= 2^-36 of the terms, mmfast/pytorch/reference.py), so ||n_t||^2, which under
 b = -3a + noise is about noise^2/36 of its terms, keeps 1e-11/1e-8 = 1e-3 relative accuracy
 even at noise 1e-4 in the worst case (typically 1e-8); the output is n_t formed in fp64 and
 rounded once to fp32 (2^-24 per element).
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mmfast
-from mmfast.reference import ZERO_TOL
+from mmfast.pytorch.reference import ZERO_TOL
 
 BACKENDS = [name for name in ("torch", "foreach", "cpu", "triton") if mmfast.backends()[name].available]
 # A conv weight, an odd-length vector, a linear weight (several chunks of 2^15).
@@ -231,8 +231,8 @@ def test_clip_propagates_a_non_finite_norm(backend, bad):
 
 
 def test_constants_are_shared_with_the_extension():
-    from mmfast._backends import _C
-    from mmfast.reference import CHUNK
+    from mmfast.ops._backends import _C
+    from mmfast.pytorch.reference import CHUNK
 
     if _C is None:
         pytest.skip("the C++ extension is not built")

@@ -34,6 +34,9 @@ from __future__ import annotations
 import torch
 
 from ._solve import KEYWORDS, pcgrad_orders as _pcgrad_orders
+# What the op layer (mmfast.ops, aggregate_) needs: argument packing for the solver ops, the
+# kernel registry, the rounding unit the rank cutoffs use, the largest K of the kernels.
+from ._solve import MAX_K, op_args, op_has_kernel, rounding_unit
 from .cagrad import cagrad
 from .imtlg import imtlg
 from .mgda import mgda

@@ -8,7 +8,8 @@ import numbers
 
 import torch
 
-from .._backends import _C, _CUDA_BUILT
+from ..ops import CUDA_BUILT as _CUDA_BUILT
+from ..ops import extension as _C
 
 MAX_K = 32  # csrc/solvers.h, kMaxK
 

@@ -62,8 +62,8 @@ def combine_sharded_(a: list, b: list, groups: list, *, gamma: float, owner: str
     and everything after that (group sums, weights, the per-tensor rescale) is the same
     for every rank; the combine itself is local.
     """
-    from ._device_math import group_layout, mmpareto_coefficients
-    from .reference import dot64, group_stats
+    from ..ops import group_layout, mmpareto_coefficients
+    from ..pytorch.reference import dot64, group_stats
 
     al = [local(x).reshape(-1) for x in a]
     bl = [local(y).reshape(-1) for y in b]
@@ -89,7 +89,7 @@ def combine_sharded_(a: list, b: list, groups: list, *, gamma: float, owner: str
 def clip_sharded_(grads: list, groups: list, max_norm, *, owner: str):
     """``clip_grad_norm_`` over sharded (and plain) gradients: the squared norms of the
     local shards summed across shards, then every local shard scaled by the coefficient."""
-    from ._clip import ClipStats
+    from ..ops import ClipStats
 
     ls = [local(g) for g in grads]
     dev = ls[0].device
@@ -119,18 +119,18 @@ def aggregate_sharded_(out: list, grads: list, groups: list, *, weighting: str, 
     """``aggregate_`` on sharded gradients: the per-tensor ``K x K`` Grams of the local
     shards (step 1 of ``aggregate_``) summed across shards, then step 2 (group sums,
     weights, rescale, combine) on the local shards; every rank solves the same problems."""
-    from ._multi import _gram_k, _weigh_and_combine
+    from ..ops import gram_k, weigh_and_combine
 
     lo = [local(x) for x in out]
     lg = [[local(x) for x in gk] for gk in grads]
     K, T = len(grads), len(out)
-    per_tensor, finite = _gram_k(lg, backend=backend, out=lo)
+    per_tensor, finite = gram_k(lg, backend=backend, out=lo)
     rows = torch.cat([per_tensor.reshape(T, K * K), (~finite).to(torch.float64).expand(T, 1)], dim=1).contiguous()
     sum_over_shards(rows, out, owner)
     per_tensor = rows[:, :K * K].reshape(T, K, K)
     all_finite = rows[:, K * K].sum() == 0
     num_groups = max(groups) + 1 if groups else 0
-    stats = _weigh_and_combine(lo, lg, per_tensor, all_finite, weighting=weighting, groups=groups,
+    stats = weigh_and_combine(lo, lg, per_tensor, all_finite, weighting=weighting, groups=groups,
                                num_groups=num_groups, backend=backend, **kw)
     sq = stats.total_norm.square().reshape(1, 1)
     sum_over_shards(sq, out[:1], owner)  # FSDP2 shards every tensor over the same ranks

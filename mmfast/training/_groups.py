@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 
-class Layout(NamedTuple):
+class StepGroups(NamedTuple):
     """One step's members: ``members[g]`` the parameters of group g that require grad.
 
     Under FSDP2 (``fully_shard``) a member is the *sharded* parameter (a DTensor, where
@@ -90,7 +90,7 @@ class Groups:
         self._last = None
         self.resolve()  # parameters in two groups, non-leaf tensors: an error now
 
-    def resolve(self) -> Layout:
+    def resolve(self) -> StepGroups:
         """This step's members; labelled and checked again only when they changed."""
         fsdp = fsdp_params(self.specs.values())
         found = {}
@@ -131,7 +131,7 @@ class Groups:
             if id(v) in group_of:
                 labels[k] = labels[id(v)]
                 group_of[k] = group_of[id(v)]
-        lay = Layout(
+        lay = StepGroups(
             names=self.names,
             members=tuple(tuple(p for _, p in sets[n]) for n in self.names),
             labels=labels,

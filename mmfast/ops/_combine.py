@@ -64,13 +64,13 @@ def combine_(
 
 
 def _run_torch(args):
-    from .reference import combine_reference
+    from ..pytorch.reference import combine_reference
 
     return combine_reference(args)
 
 
 def _run_foreach(args):
-    from .foreach import combine_foreach
+    from ..pytorch.foreach import combine_foreach
 
     return combine_foreach(args)
 
@@ -82,7 +82,7 @@ def _run_op(args):
 
 
 def _run_triton(args):
-    from .kernels.combine import combine_triton
+    from ..kernels.combine import combine_triton
 
     return combine_triton(args)
 

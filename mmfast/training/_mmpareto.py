@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ._combine import combine_
+from ..ops import CombineStats, combine_
 from ._helper import GroupHelper, apply_update, check_number
 from ._sharded import combine_sharded_, is_sharded
-from ._stats import CombineStats
 
 
 class MMPareto(GroupHelper):

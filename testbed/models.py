@@ -1,5 +1,5 @@
-"""Models the benchmarks, examples and tests share: a ResNet-18 trunk and the
-seed-like audio-visual classifier of the MMPareto and DGL papers.
+"""Models the benchmarks, examples and tests share (outside the mmfast package): a
+ResNet-18 trunk and the seed-like audio-visual classifier of the MMPareto and DGL papers.
 
 Written here (not imported from torchvision) so the shapes are the project's own
 and nothing is downloaded.

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import AggregateStats, aggregate_
+from ..weightings import WEIGHTINGS
 from ._helper import GroupHelper, apply_update, check_scalar
-from ._multi import AggregateStats, aggregate_
 from ._sharded import aggregate_sharded_, is_sharded
-from .weightings import WEIGHTINGS
 
 
 def _aggregate(out, grads, groups, *, owner, **kw):

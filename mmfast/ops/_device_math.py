@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 
 from ._args import OUTSIDE
-from .reference import mmpareto_scale
+from ..pytorch.reference import mmpareto_scale
 
 # Per-tensor combine modes, as the kernels read them: ca*a + cb*b, ca*a alone (b not
 # read), cb*b alone (a not read).

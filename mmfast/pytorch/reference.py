@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import OUTSIDE, CombineArgs
-from ._stats import CombineStats
+from ..ops import OUTSIDE, CombineArgs, CombineStats
 
 # --- Precision rules shared by every backend ------------------------------------------
 #

@@ -30,8 +30,8 @@ import torch
 
 from ._args import OUTSIDE, check_tensors, id_list, real, tensor_list
 from ._backends import select_backend
-from .reference import SLICE, is_zero_norm
-from .weightings import _solve
+from ..pytorch.reference import SLICE, is_zero_norm
+from .. import weightings as _solve  # its op-side names: op_args, op_has_kernel, rounding_unit, MAX_K
 
 
 class AggregateStats(NamedTuple):
@@ -128,7 +128,7 @@ def _gram_k(grads, *, backend=None, out=None) -> tuple:
     if _fused(name):
         return torch.ops.mmfast.gram_k(_flat(grads), K)
     if name == "triton":
-        from .kernels.multi import gram_k_triton
+        from ..kernels.multi import gram_k_triton
 
         return gram_k_triton(grads[0] if out is None else out, grads)
     return _gram_torch(grads, K)
@@ -163,7 +163,7 @@ def _weigh_and_combine(out, grads, per_tensor, all_finite=None, *, weighting: st
     if _fused(name):
         sq = torch.ops.mmfast.combine_k_(out, _flat(grads), K, coefs)
     elif name == "triton":
-        from .kernels.multi import combine_k_triton
+        from ..kernels.multi import combine_k_triton
 
         sq = combine_k_triton(out, grads, coefs)
     else:
@@ -229,7 +229,7 @@ def _weights_torch(per_tensor, lay, num_groups, weighting, gamma, eps, kw):
     if num_groups:
         rows = per_tensor.reshape(T, K * K).index_select(0, lay.perm)
         gram = torch.segment_reduce(rows, "sum", lengths=lay.lengths, axis=0, unsafe=True).reshape(-1, K, K)
-        from .weightings import weights
+        from ..weightings import weights
 
         w = weights(weighting, gram, eps=eps, **kw).to(torch.float64)
         wt = w.index_select(0, lay.index)

@@ -46,8 +46,8 @@ def clip_grad_norm_(grads, max_norm: float | None, *, groups=None, backend: str 
 
 def _clip_torch(grads, groups, num_groups, max_norm) -> ClipStats:
     from ._device_math import group_layout
-    from .foreach import all_finite, gram_per_tensor
-    from .reference import clip_coefficient, scale_
+    from ..pytorch.foreach import all_finite, gram_per_tensor
+    from ..pytorch.reference import clip_coefficient, scale_
 
     per_tensor = gram_per_tensor(grads, grads)
     sq = per_tensor[:, 0]

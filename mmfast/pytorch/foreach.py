@@ -2,7 +2,7 @@
 PyTorch" baseline of the benchmarks, and the fallback where no compiled backend exists.
 
 Exact first (SEMANTICS.md, Precision): every product and sum is fp64. The tensors are
-cut into pieces of at most ``SLICE`` elements (the summation depth of mmfast/reference.py's
+cut into pieces of at most ``SLICE`` elements (the summation depth of reference.py's
 zero rule) and packed into fp64 buffers of at most ``BUFFER`` elements (big tensors a
 few pieces, small ones many to a buffer), which bounds the temporary memory
 and keeps the op count per buffer, not per tensor: per buffer, the Gram pass is three
@@ -17,9 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from ._args import CombineArgs
-from ._device_math import group_layout, mmpareto_coefficients
-from ._stats import CombineStats
+from ..ops import CombineArgs, CombineStats, group_layout, mmpareto_coefficients
 from .reference import SLICE, clip_coefficient, group_stats, scale_
 
 BUFFER = 1 << 18  # 2 MB per fp64 temporary: they stay in the caches (fastest of 2^16..2^20 here)

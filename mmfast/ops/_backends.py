@@ -18,7 +18,7 @@ class BackendInfo(NamedTuple):
 
 def _load_extension():
     try:
-        from . import _C  # noqa: F401  (registers the mmfast::combine_ kernels)
+        from .. import _C  # noqa: F401  (registers the mmfast::combine_ kernels)
     except ImportError as e:
         return None, f"the C++ extension mmfast._C is not built or failed to load ({e})"
     return _C, ""

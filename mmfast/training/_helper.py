@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from ._backends import BACKENDS, backends
+from ..ops import BACKENDS, backends
 from ._dist import Averaging, GradSync
 from ._graph import Reach, reach
-from ._groups import Groups, Layout
+from ._groups import Groups, StepGroups
 from ._sharded import is_sharded
 
 _NOTHING = Reach({}, False)
@@ -129,7 +129,7 @@ class GroupHelper:
         """This step's reach of each loss (``_NOTHING`` for a constant)."""
         return [reach(loss) if loss.requires_grad else _NOTHING for loss in losses]
 
-    def check_reaches_groups(self, lay: Layout, reaches: list) -> None:
+    def check_reaches_groups(self, lay: StepGroups, reaches: list) -> None:
         """A loss that reaches no parameter of any group: the helper was built for another
         model (a copy, a rebuilt one). Frozen groups are fine."""
         members = lay.group_of
@@ -142,7 +142,7 @@ class GroupHelper:
                 f"model rebuilt since)? Build the helper from the model that computes these losses."
             )
 
-    def check_disjoint(self, lay: Layout, uni_reaches: list) -> None:
+    def check_disjoint(self, lay: StepGroups, uni_reaches: list) -> None:
         """Raises if a unimodal loss reaches another group's parameters (read off this
         step's graph; through a compiled graph the reach cannot be read: skipped)."""
         for m, r in enumerate(uni_reaches):
@@ -221,7 +221,7 @@ class GroupHelper:
 
     # ------------------------------------------------------------- the passes
 
-    def run_passes(self, lay: Layout, passes: list, *, collect: list, acc: dict | None, combine: bool) -> list:
+    def run_passes(self, lay: StepGroups, passes: list, *, collect: list, acc: dict | None, combine: bool) -> list:
         """The backward passes of one call, and the communication that goes with them.
 
         ``passes[k] = (calls, reached)``: the backward calls of pass k (see ``run``) and
@@ -273,7 +273,7 @@ class GroupHelper:
                     p.grad = v
         return grads
 
-    def rest_params(self, lay: Layout, skip_members: bool) -> list:
+    def rest_params(self, lay: StepGroups, skip_members: bool) -> list:
         """What is averaged at the step level: DDP's parameters with ``ddp=``, else every
         leaf the losses reached since the last step-level sync (every rank must agree;
         checked) and the members; without the groups' own if ``skip_members``."""
@@ -308,7 +308,7 @@ class GroupHelper:
                 v = _add(acc[id(p)][s], v)
             avg.ready(s, i, v)
 
-    def clip_params(self, lay: Layout) -> list:
+    def clip_params(self, lay: StepGroups) -> list:
         """Every parameter a loss reached since the last clip, plus the groups' and the
         extra sets' members: what ``clip_grad_norm_(model.parameters())`` would see."""
         seen, out = set(), []

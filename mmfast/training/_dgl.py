@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ._clip import clip_grad_norm_
+from ..ops import DGLStats, clip_grad_norm_
 from ._helper import GroupHelper, check_number, dense_1d
 from ._sharded import clip_sharded_, is_sharded
-from ._stats import DGLStats
 
 
 class DGL(GroupHelper):

@@ -47,7 +47,7 @@ namespace {
 constexpr int kThreads = 256;         // per chunk block
 constexpr int kFinishThreads = 1024;  // the single-block kernels
 constexpr int kILP = 4;               // 16-byte vectors in flight per thread
-constexpr int kMinBlocks = 4;         // chunk blocks resident per SM: at most 64 registers a thread
+constexpr int kMinBlocks = 2;         // chunk blocks per SM: <= 128 registers, no spill (4 spills)
 enum Dtype : int8_t { kF32, kF64, kBF16, kF16 };
 enum Role : int8_t { kOutside, kEncoder, kFusion };  // DGL: a + alpha b, alpha b, a
 enum Method : int32_t { kMMPareto, kDGL, kSum };

@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed-2
 BUILT := $(VENV)/.mmfast-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup run test test-isa bench table step-bench dist-bench cuda-check sdist-check clean
+.PHONY: setup run test test-isa bench table step-bench dist-bench cuda-check gpu-check sdist-check clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: setup
 
 cuda-check:  # MMFAST_CUDA_VENV=/path reuses a venv with a CUDA torch (see .ci/cuda_check.sh)
 	bash .ci/cuda_check.sh
+
+# On a GPU machine, from a fresh copy of the tree, with its own python3 (no venv, no
+# downloads): build for its arch, GPU tests, CUDA graphs, compute-sanitizer, bench/gpu.py.
+# Log and table in $(MMFAST_GPU_CHECK_DIR) (default gpu-check/); see .ci/gpu_check.sh.
+gpu-check:
+	PY=$(or $(GPU_PY),python3) bash .ci/gpu_check.sh
 
 # The package as a user gets it: sdist -> fresh venv outside the checkout (reusing .venv's
 # torch through a .pth) -> pip install -> .ci/smoke_installed.py from outside the tree.

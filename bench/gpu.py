@@ -4,13 +4,16 @@
 
 Needs a CUDA device (exits 0 with a message otherwise). Reports each backend's
 median time, the fraction of the device's copy bandwidth it reaches on the
-memory floor (5·N·itemsize bytes; target 80 %), and whether the combine can be
-captured in a CUDA graph and replayed with the same result.
+memory floor (5·N·itemsize bytes; target 80 %), kernel launches per call, host
+time per call (the Python call without waiting for the GPU) next to one
+``torch._foreach_norm`` over the same list, and whether the combine can be captured
+in a CUDA graph and replayed with the same result.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -38,6 +41,30 @@ def copy_bandwidth() -> float:
     src = torch.randn(1 << 28, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / cuda_time(lambda: dst.copy_(src))
+
+
+def launches(fn) -> int:
+    """CUDA kernels one call launches (memsets included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def host_time(fn, reps=50) -> float:
+    """Median host time of a call (the GPU is not waited for; synced between calls)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def graph_capturable(backend, out, a, b, groups) -> bool:
@@ -72,8 +99,9 @@ def main():
     paths = [p for p in ("cuda", "triton", "foreach", "torch") if info[p].available]
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| workload | dtype | path | median ms | % of copy bandwidth | CUDA graph |")
-    print("|---|---|---|---:|---:|---|")
+    print("| workload | dtype | path | median ms | % of copy bandwidth | launches | host us | host us, one foreach_norm "
+          "| CUDA graph |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for name, dtype in [("resnet18-av", torch.float32), ("resnet18-av", torch.bfloat16), ("sweep-1M", torch.float32),
                         ("sweep-11M", torch.float32), ("sweep-45M", torch.float32)]:
         shapes, groups = WORKLOADS[name]()
@@ -87,9 +115,13 @@ def main():
             scale = max(r.abs().max().item() for r in ref)
             err = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref))
             assert err <= (1e-4 if dtype == torch.float32 else 2e-2) * scale, (path, err)
-            t = cuda_time(lambda: mmfast.combine_(out, a, b, groups=groups, backend=path))
+            fn = lambda: mmfast.combine_(out, a, b, groups=groups, backend=path)  # noqa: E731
+            t = cuda_time(fn)
+            n_launch = launches(fn)
+            host, host_norm = host_time(fn), host_time(lambda: torch._foreach_norm(a))
             capt = graph_capturable(path, out, a, b, groups) if path in ("cuda", "triton") else "-"
-            print(f"| {name} | {str(dtype)[6:]} | {path} | {t * 1e3:.3f} | {100 * floor / t:.0f} % | {capt} |")
+            print(f"| {name} | {str(dtype)[6:]} | {path} | {t * 1e3:.3f} | {100 * floor / t:.0f} % | {n_launch} | "
+                  f"{host * 1e6:.0f} | {host_norm * 1e6:.0f} | {capt} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mmfast  # noqa: E402
 from workloads import WORKLOADS, copy_bandwidth, make_inputs, median_time  # noqa: E402
 
-TARGETS = {"vs_reference": 20.0, "vs_foreach": 2.0, "vs_floor": 1.3, "sweep_linearity": 1.5}
+TARGETS = {"vs_reference": 20.0, "vs_foreach": 2.0, "vs_floor": 1.3, "sweep_linearity": 1.5, "host": 1.0}
+HOST_SIZES = (120, 1000)  # one-element tensors (BENCHMARKS.md: host cost of one combine_ call)
 
 
 def check(out, ref, dtype):
@@ -50,6 +51,24 @@ def run_workload(name, dtype, paths, reps, ref_reps, floor_bw, rows, cold=False)
                  vs_ref=times["torch"] / t, vs_floor=t / floor, ns_per_param=t / n * 1e9, floor_ms=floor * 1e3)
         )
     return times, floor
+
+
+def host_cost(n: int, reps: int = 31) -> tuple:
+    """(combine_ on the cpu backend, torch._foreach_norm) host time in seconds on ``n``
+    one-element tensors, interleaved medians: the layout is checked once, then each call
+    only fingerprints it (csrc/args.h)."""
+    a = [torch.randn(1) for _ in range(n)]
+    b = [torch.randn(1) for _ in range(n)]
+    out = [torch.empty(1) for _ in range(n)]
+    groups = [i % 2 for i in range(n)]
+    ours = lambda: mmfast.combine_(out, a, b, groups=groups, backend="cpu")  # noqa: E731
+    norm = lambda: torch._foreach_norm(a)  # noqa: E731
+    t_ours, t_norm = [], []
+    ours(), norm()
+    for _ in range(reps):
+        t_ours.append(median_time(ours, 5))
+        t_norm.append(median_time(norm, 5))
+    return sorted(t_ours)[reps // 2], sorted(t_norm)[reps // 2]
 
 
 def main():
@@ -89,6 +108,12 @@ def main():
               f"{r['vs_ref']:.1f}x | {r['vs_floor']:.2f} | {r['ns_per_param']:.3f} |")
     if "cpu" not in paths:
         return
+    host = {n: host_cost(n) for n in HOST_SIZES}
+    print()
+    print("| host cost per call | combine_ (cpu) us | torch._foreach_norm us | ratio |")
+    print("|---|---:|---:|---:|")
+    for n, (ours, norm) in host.items():
+        print(f"| {n} one-element tensors | {ours * 1e6:.0f} | {norm * 1e6:.0f} | {ours / norm:.2f} |")
     t = summary[("resnet18-av", torch.float32)]
     floor_ms = next(r["floor_ms"] for r in rows if r["workload"] == "resnet18-av" and r["dtype"] == "float32")
     checks = [
@@ -96,6 +121,8 @@ def main():
         ("fused vs best pure PyTorch (foreach)", t["foreach"] / t["cpu"], ">=", TARGETS["vs_foreach"]),
         ("fused / memory floor", t["cpu"] * 1e3 / floor_ms, "<=", TARGETS["vs_floor"]),
     ]
+    for n, (ours, norm) in host.items():
+        checks.append((f"host: combine_ / foreach_norm, {n} tensors", ours / norm, "<=", TARGETS["host"]))
     sweep = [r for r in rows if r["workload"].startswith("sweep") and r["path"] == "cpu"]
     if sweep:
         per = [r["ns_per_param"] for r in sweep]

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "args.h"
+#include "fast_calls.h"
 #include "cpu/kernels.h"
 #include "precision.h"
 
@@ -86,6 +87,7 @@ TORCH_LIBRARY_IMPL(mmfast, ADInplaceOrView, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  mmfast::add_fast_calls(m);  // csrc/fast_calls.h
   m.def("simd_level", &mmfast::cpu::simd_level, "Instruction set the CPU kernels dispatch to on this machine.");
   m.def("cuda_built", &mmfast::cuda_built, "Whether this build includes the CUDA kernels.");
   m.def("check_args", &mmfast::check_args_py, "The argument contract of the mmfast ops (csrc/args.h).");

@@ -127,7 +127,11 @@ def _scale_kernel(o_base, table, coef_ptr, ACC: tl.constexpr, BLOCK: tl.constexp
 
 
 class _Layout:
-    """The chunk table of one set of tensors, on their device, and its reductions."""
+    """The chunk table of one set of tensors, on their device, and its reductions.
+
+    Holds no reference to the tensors (a cache entry must not keep gradients alive):
+    offsets are relative to the addresses of the first tensor of each list, which the
+    cache key fixes, and each call passes its own tensors as the bases (``bases``)."""
 
     def __init__(self, a, b, out, ids):
         bases = (a[0], b[0], out[0])
@@ -140,13 +144,17 @@ class _Layout:
                 rows.append([offs[0] + begin, offs[1] + begin, offs[2] + begin, n, t])
             bounds.append(len(rows))
         device = a[0].device
-        self.bases = bases
+        self.first = ids[0]
         # Scale pass maths: the stored type, at least fp32 (as torch's clip_grad_norm_).
         self.acc = tl.float64 if a[0].dtype == torch.float64 else tl.float32
         self.ids = torch.tensor(ids, dtype=torch.long).to(device)
+        self.all = ids == list(range(len(ids)))  # every tensor, in order: no scatter
         self.n_chunks = len(rows)
         self.table = torch.tensor(rows or [[0, 0, 0, 0, 0]], dtype=torch.int64).to(device)
         self.lengths = torch.tensor([e - s for s, e in zip(bounds, bounds[1:])], dtype=torch.long).to(device)
+
+    def bases(self, a, b, out) -> tuple:
+        return a[self.first], b[self.first], out[self.first]
 
     def per_tensor(self, partial: torch.Tensor) -> torch.Tensor:
         """``[T, k]`` fp64 sums of the per-chunk ``partial[C, k]`` (chunks are in tensor order).
@@ -181,6 +189,8 @@ def _layouts(a, b, out) -> list:
 
 def _per_tensor(lays, partials, n_tensors) -> torch.Tensor:
     """``[T, 5]`` fp64 per-tensor sums gathered from every layout's chunk partials."""
+    if len(lays) == 1 and lays[0].all:  # one dtype: no gather
+        return lays[0].per_tensor(partials[0][: lays[0].n_chunks])
     full = torch.zeros(n_tensors, 5, dtype=torch.float64, device=partials[0].device)
     for lay, part in zip(lays, partials):
         full.index_copy_(0, lay.ids, lay.per_tensor(part[: lay.n_chunks]))
@@ -188,10 +198,19 @@ def _per_tensor(lays, partials, n_tensors) -> torch.Tensor:
 
 
 def _partials(lays) -> list:
-    return [torch.zeros(max(lay.n_chunks, 1), 5, device=lay.table.device, dtype=torch.float64) for lay in lays]
+    # Every chunk's program writes its row: no fill.
+    return [torch.empty(max(lay.n_chunks, 1), 5, device=lay.table.device, dtype=torch.float64) for lay in lays]
 
 
 def combine_triton(args: CombineArgs) -> CombineStats:
+    device = args.out[0].device
+    if device.type != "cuda":  # the interpreter (TRITON_INTERPRET=1) on CPU tensors
+        return _combine_triton(args)
+    with torch.cuda.device(device):  # Triton launches on the current device: make it the tensors'
+        return _combine_triton(args)
+
+
+def _combine_triton(args: CombineArgs) -> CombineStats:
     a, b, out = args.grads_mm, args.grads_uni, args.out
     lays = _layouts(a, b, out)
     glay = group_layout(args.groups, args.num_groups, args.fusion if args.method == "dgl" else None, a[0].device)
@@ -200,7 +219,7 @@ def combine_triton(args: CombineArgs) -> CombineStats:
     if args.method == "mmpareto":
         for lay, part in zip(lays, partials):
             if lay.n_chunks:
-                _gram_kernel[(lay.n_chunks,)](*lay.bases[:2], lay.table, part, ACC=_ACC, BLOCK=BLOCK)
+                _gram_kernel[(lay.n_chunks,)](*lay.bases(a, b, out)[:2], lay.table, part, ACC=_ACC, BLOCK=BLOCK)
         per_tensor = _per_tensor(lays, partials, n)
         gram = glay.group_sums(per_tensor[:, :3])
         stats = group_stats(args.method, gram, args.alpha, None, None, None, glay.empty)
@@ -213,7 +232,7 @@ def combine_triton(args: CombineArgs) -> CombineStats:
     partials = _partials(lays)
     for lay, part in zip(lays, partials):
         if lay.n_chunks:
-            _combine_kernel[(lay.n_chunks,)](*lay.bases, lay.table, ca, cb, mode, part,
+            _combine_kernel[(lay.n_chunks,)](*lay.bases(a, b, out), lay.table, ca, cb, mode, part,
                                              WITH_GRAM=with_gram, ACC=_ACC, BLOCK=BLOCK)
     per_tensor_2 = _per_tensor(lays, partials, n)
     if with_gram:
@@ -225,6 +244,6 @@ def combine_triton(args: CombineArgs) -> CombineStats:
     if args.max_norm is not None:
         for lay in lays:
             if lay.n_chunks:
-                _scale_kernel[(lay.n_chunks,)](lay.bases[2], lay.table, clip_coef, ACC=lay.acc, BLOCK=BLOCK)
+                _scale_kernel[(lay.n_chunks,)](lay.bases(a, b, out)[2], lay.table, clip_coef, ACC=lay.acc, BLOCK=BLOCK)
     torch.autograd.graph.increment_version(out)  # the kernels wrote through pointers
     return stats._replace(total_norm=total_norm, clip_coef=clip_coef, all_finite=(fin == 0).all())

@@ -60,6 +60,23 @@ inline void add_chunks(std::vector<Chunk>& chunks, int64_t i, int64_t numel) {
   }
 }
 
+// What a layout fixes (csrc/args.h): the checks passed, the tensors' addresses, the
+// chunk table (in tensor order), the group of each tensor, which groups have a member.
+struct CpuLayout : CachedLayout {
+  std::vector<TensorRef> refs;
+  std::vector<Chunk> chunks;
+  int64_t total = 0;  // elements
+  std::vector<int64_t> groups;
+  std::vector<uint8_t> fusion;  // empty or one 0/1 per tensor
+  std::vector<uint8_t> used;    // per group: a tensor has this id
+};
+
+// The cached layout of a call (built, and the arguments checked, on a miss). lists[ia]
+// and lists[ib] are read as a and b, lists[io] written (io = -1: nothing written).
+std::shared_ptr<CpuLayout> cpu_layout(int64_t op, const std::vector<NamedList>& lists, at::IntArrayRef groups,
+                                      at::IntArrayRef fusion, int ia, int ib, int io);
+int64_t cpu_layouts_cached();
+
 // clip_grad_norm_'s coefficient, min(1, max_norm / (total_norm + 1e-6)), applied to
 // every output in a rescale pass only when it bites (a NaN norm bites, as in torch).
 inline double clip_in_place(const std::vector<TensorRef>& refs, const std::vector<Chunk>& chunks, int64_t total,

@@ -10,7 +10,7 @@ from ._backends import _C as extension
 from ._backends import _CUDA_BUILT as CUDA_BUILT
 from ._backends import BACKENDS, BackendInfo, backends, select_backend
 from ._device_math import group_layout, mmpareto_coefficients
-from ._combine import combine_
+from ._combine import combine_, combine_checked_
 from ._clip import ClipStats, clip_grad_norm_
 from ._multi import AggregateStats, aggregate_
 from ._multi import _gram_k as gram_k

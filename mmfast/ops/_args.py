@@ -100,8 +100,8 @@ def check_tensors(names: list, lists: list, n_written: int, groups: list, fusion
         return _check_py(names, lists, n_written, groups, fusion)
     if torch.compiler.is_compiling():  # traced: the operator checks at run time
         return max(groups) + 1
-    try:
-        return _C.check_args(names, lists, n_written, groups, fusion or [])
+    try:  # the full checks once per layout (csrc/args.h), a fingerprint on later calls
+        return _C.check_args_cached(names, lists, n_written, groups, fusion or [])
     except TypeError:  # pybind11 could not read a list: an element is not a tensor
         _check_py(names, lists, n_written, groups, fusion)
         raise
@@ -110,7 +110,9 @@ def check_tensors(names: list, lists: list, n_written: int, groups: list, fusion
 def explain(names: list, lists: list, n_written: int, groups, fusion, error: Exception) -> None:
     """Re-raises ``error`` of a direct operator call in the contract's words when the
     arguments could not even be read (an element that is not a tensor)."""
-    if isinstance(error, (TypeError, RuntimeError)) and "Expected a value of type" in str(error):
+    # torch.ops words it "Expected a value of type", pybind11 (csrc/fast_calls.h) "incompatible function arguments".
+    if isinstance(error, (TypeError, RuntimeError)) and any(
+            s in str(error) for s in ("Expected a value of type", "incompatible function arguments")):
         _check_py(names, lists, n_written, groups, fusion)
     raise error
 

@@ -48,8 +48,19 @@ def _triton_reason() -> str:
     return ""
 
 
+_INFO: dict = {}  # TRITON_INTERPRET's value -> backends(): asked on every combine_ call, it cost ~30 us
+
+
 def backends() -> dict:
     """``{name: BackendInfo(available, reason)}`` for every backend name."""
+    key = os.environ.get("TRITON_INTERPRET")
+    info = _INFO.get(key)
+    if info is None:
+        info = _INFO[key] = _backends()
+    return dict(info)
+
+
+def _backends() -> dict:
     cpu = BackendInfo(_C is not None, _C_REASON)
     if _C is None:
         cuda = BackendInfo(False, _C_REASON)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 
 from ._args import OUTSIDE, check_tensors, explain, first_device, id_list, real, tensor_list
-from ._backends import select_backend
+from ._backends import _C, select_backend
 
 
 class ClipStats(NamedTuple):
@@ -37,7 +37,8 @@ def clip_grad_norm_(grads, max_norm: float | None, *, groups=None, backend: str 
     with torch.no_grad():
         if name in ("cpu", "cuda"):
             try:
-                return ClipStats(*_CLIP(grads, groups, max_norm))
+                op = _CLIP if torch.compiler.is_compiling() else _FAST_CLIP  # as mmfast/_ops.py call_op
+                return ClipStats(*op(grads, groups, max_norm))
             except (TypeError, RuntimeError) as e:
                 explain(["grads"], [grads], 1, groups, None, e)
         num_groups = check_tensors(["grads"], [grads], 1, groups, None)
@@ -61,3 +62,4 @@ def _clip_torch(grads, groups, num_groups, max_norm) -> ClipStats:
 
 
 _CLIP = torch.ops.mmfast.clip_.default if hasattr(torch.ops.mmfast, "clip_") else None
+_FAST_CLIP = None if _C is None else _C.clip_

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import first_device, parse_combine_args
+from ._args import explain, first_device, parse_combine_args
 from ._backends import select_backend
 from ._stats import CombineStats
 
@@ -88,3 +88,57 @@ def _run_triton(args):
 
 
 _RUN = {"torch": _run_torch, "foreach": _run_foreach, "cpu": _run_op, "cuda": _run_op, "triton": _run_triton}
+
+
+def combine_checked_(out: list, grads_mm: list, grads_uni: list, groups: list, *, gamma: float,
+                     backend: str | None) -> CombineStats:
+    """MMPareto for the training helpers, which build plain lists of tensors and int group
+    ids themselves and checked ``gamma`` and ``backend`` once, at construction: the Python
+    argument parsing is skipped. The tensors are still checked, once per layout, by the
+    operator (cpu, cuda: csrc/args.h) or by ``check_tensors`` (the other backends)."""
+    with torch.no_grad():
+        name = select_backend(backend, out[0].device)
+        if name in ("cpu", "cuda"):
+            from ._args import CombineArgs
+
+            return _run_op(CombineArgs(out, grads_mm, grads_uni, "mmpareto", groups, 0, [], gamma, 1.0, None))
+        args = parse_combine_args(out, grads_mm, grads_uni, method="mmpareto", groups=groups, gamma=gamma, alpha=1.0,
+                                  fusion=None, max_norm=None)
+        return _RUN[name](args)
+
+
+# --------------------------------------------------------------- the two passes
+# combine_ (MMPareto) is a Gram pass giving per-tensor fp64 sums, then a combine pass
+# that needs only those sums: callers holding shards of each tensor (FSDP2,
+# mmfast/_sharded.py) run the first on their local shards, all-reduce the [T, 4] sums,
+# and run the second. Private: the contract is combine_'s, on the cpu and cuda backends.
+
+
+def gram_pass(grads_mm: list, grads_uni: list) -> torch.Tensor:
+    """``[T, 4]`` float64 per tensor: ``(aa, ab, bb, nonfinite)``, the last 1.0 where a value
+    read was not finite (0.0 else; a sum across shards is still 0 only if all were finite)."""
+    with torch.no_grad():
+        op = torch.ops.mmfast.gram_.default
+        try:
+            return op(grads_mm, grads_uni)
+        except (TypeError, RuntimeError) as e:
+            explain(["grads_mm", "grads_uni"], [grads_mm, grads_uni], 0, None, None, e)
+
+
+def combine_pass_(out: list, grads_mm: list, grads_uni: list, per_tensor: torch.Tensor, groups: list, *,
+                  gamma: float = 1.5):
+    """MMPareto's combine from per-tensor sums ``per_tensor`` (``gram_pass``'s, summed over
+    shards): writes ``out``; returns ``(stats, out_sq)`` where ``stats`` is a
+    ``CombineStats`` whose ``total_norm`` is this call's (local) norm, ``clip_coef`` 1,
+    ``all_finite`` from ``per_tensor``, and ``out_sq`` the ``[T]`` float64 squared norms of
+    ``out`` per tensor (sum them across shards for the global norm)."""
+    with torch.no_grad():
+        try:
+            gram, cos, weights, conflict, out_sq = torch.ops.mmfast.combine_pass_.default(
+                out, grads_mm, grads_uni, per_tensor, groups, float(gamma))
+        except (TypeError, RuntimeError) as e:
+            explain(["out", "grads_mm", "grads_uni"], [out, grads_mm, grads_uni], 1, groups, None, e)
+        total = out_sq.sum().sqrt()
+        stats = CombineStats(gram, cos, weights[:, 0], weights[:, 1], conflict, total, torch.ones_like(total),
+                             per_tensor[:, 3].sum() == 0)
+        return stats, out_sq

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._args import CombineArgs, _check_py, explain
+from ._backends import _C as _FAST
 from ._stats import CombineStats
 
 
@@ -33,8 +34,11 @@ def _same_device(names, lists) -> None:
 
 
 def call_op(args: CombineArgs) -> CombineStats:
+    # Eager: the direct entry (csrc/fast_calls.h), a third of torch.ops' host cost per
+    # tensor; traced (torch.compile), the registered operator.
+    op = _COMBINE if torch.compiler.is_compiling() else _FAST.combine_
     try:
-        gram, cos, weights, conflict, total_norm, clip_coef, all_finite = _COMBINE(
+        gram, cos, weights, conflict, total_norm, clip_coef, all_finite = op(
             args.out, args.grads_mm, args.grads_uni, args.groups, args.fusion, args.method, args.gamma, args.alpha,
             args.max_norm)
     except (TypeError, RuntimeError) as e:
@@ -46,7 +50,24 @@ def call_op(args: CombineArgs) -> CombineStats:
 _COMBINE = torch.ops.mmfast.combine_.default
 
 
+def _register_pass_fakes() -> None:
+    @torch.library.register_fake("mmfast::gram_")
+    def _(grads_mm, grads_uni):
+        _same_device(["grads_mm", "grads_uni"], [grads_mm, grads_uni])
+        return grads_mm[0].new_empty((len(grads_mm), 4), dtype=torch.float64)
+
+    @torch.library.register_fake("mmfast::combine_pass_")
+    def _(out, grads_mm, grads_uni, per_tensor, groups, gamma):
+        _same_device(["out", "grads_mm", "grads_uni"], [out, grads_mm, grads_uni])
+        g = max(groups) + 1 if len(groups) else 0
+        like = dict(dtype=torch.float64, device=out[0].device)
+        return (out[0].new_empty((g, 3), **like), out[0].new_empty((g,), **like), out[0].new_empty((g, 2), **like),
+                out[0].new_empty((g,), dtype=torch.bool), out[0].new_empty((len(out),), **like))
+
+
 def _register_clip_fake() -> None:
+    _register_pass_fakes()  # (registered with the clip's: mmfast/__init__.py calls these)
+
     @torch.library.register_fake("mmfast::clip_")
     def _(grads, groups, max_norm):
         _same_device(["grads"], [grads])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import CombineStats, combine_
+from ..ops import CombineStats, combine_checked_
 from ._helper import GroupHelper, apply_update, check_number
 from ._sharded import combine_sharded_, is_sharded
 
@@ -100,7 +100,9 @@ class MMPareto(GroupHelper):
     def _combine(self, g: list, ids: list):
         if any(is_sharded(x) for x in g[0]):  # FSDP2: local shards, Gram terms summed across them
             return combine_sharded_(g[0], g[1], ids, gamma=self.gamma, owner=self.owner)
-        return combine_(g[0], g[0], g[1], groups=ids, gamma=self.gamma, backend=self.backend)
+        # gamma and backend were checked at construction, the lists and ids are built here:
+        # no Python argument parsing; the tensors are checked once per layout (C++).
+        return combine_checked_(g[0], g[0], g[1], ids, gamma=self.gamma, backend=self.backend)
 
 
 def _sum(losses: list):

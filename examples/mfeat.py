@@ -22,7 +22,7 @@ itself is not imported; nothing is downloaded):
     .venv/bin/python examples/mfeat.py --views fourier morphological --seeds 5
     .venv/bin/python examples/mfeat.py --log mfeat.csv        # per-epoch statistics as CSV
 
-Methods (same model, optimiser and data for all; SEMANTICS.md has the maths):
+Methods (same model, optimiser and data for all; docs/semantics.md has the maths):
 
 * ``joint``: only the multimodal loss L_mm trains the model.
 * ``uniform``: L_mm + sum_m L_m. Computed as two gradients summed by

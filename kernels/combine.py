@@ -6,7 +6,7 @@ gives each program its chunk: int64 element offsets from a base tensor per
 operand, and the chunk's length. Partial sums are written per chunk and reduced on
 the device in a fixed order: no atomics, the same bits on every run.
 
-Precision (SEMANTICS.md): products and sums in fp64 (fp32 products are exact in fp64),
+Precision (docs/semantics.md): products and sums in fp64 (fp32 products are exact in fp64),
 ``ca a + cb b`` formed in fp64 with fp64 coefficients. On a GPU this is plain fp64, not
 a compensated fp32 sum: the passes are memory-bound (three fp64 FMAs per 8 bytes read),
 which data-centre GPUs (fp64 at half the fp32 rate) absorb; a consumer GPU (1/64 rate)

@@ -91,7 +91,7 @@ def test_empty_groups_are_neutral(backend):
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r)
     torch.testing.assert_close(stats.gram[[5, 9]], ref_stats.gram)
-    # A group that has members but all-zero gradients is a conflict (SEMANTICS.md).
+    # A group that has members but all-zero gradients is a conflict (docs/semantics.md).
     zeros = [torch.zeros(5)]
     assert mmfast.combine_([torch.empty(5)], zeros, zeros, groups=[1], backend=backend).conflict.tolist() == [False, True]
 

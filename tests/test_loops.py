@@ -1,7 +1,7 @@
 """The training helpers in the loops users write: accumulation (both forms), graphs that
 change from step to step, freezing and unfreezing, missing modalities, models that
 change under the helper, torch.compile, copies. Each against what the definitions give
-on that step's per-loss gradients (the reference combine of SEMANTICS.md), which
+on that step's per-loss gradients (the reference combine of docs/semantics.md), which
 tests/test_published.py ties to the published loops.
 """
 import copy
@@ -101,7 +101,7 @@ def per_loss(model, losses):
 
 
 def expected_mmpareto(model, losses, gamma=1.5):
-    """{id(param): gradient or None}: SEMANTICS.md on this step's per-loss gradients."""
+    """{id(param): gradient or None}: docs/semantics.md on this step's per-loss gradients."""
     ps, (g_mm, g_a, g_v) = per_loss(model, losses)
     gof = group_of(model)
     z = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731

@@ -1,8 +1,8 @@
 """Precision and non-finite properties (issue 13), every backend against an fp64
-evaluation of SEMANTICS.md's formulas written here from the definition (not the library's
+evaluation of docs/semantics.md's formulas written here from the definition (not the library's
 reference): strong conflict, mixed magnitudes, extreme scales, half inputs, NaN/Inf.
 
-Bars (SEMANTICS.md, Precision): per-tensor norm within 1e-5 relative and every element
+Bars (docs/semantics.md, Precision): per-tensor norm within 1e-5 relative and every element
 within 3e-4 of the tensor's largest, for fp32 inputs, at 1 thread and the default
 thread count. Why they hold: the Gram is accumulated in fp64 from exact fp32 products
 (error <= 2^-36 of the terms, mmfast/pytorch/reference.py), so ||n_t||^2, which under

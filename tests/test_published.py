@@ -474,7 +474,7 @@ def test_dgl_model_step(backend, seed, clip):
 
 
 def test_dgl_drops_multimodal_gradient_of_undetached_model(backend):
-    """SEMANTICS: encoders get alpha * d(sum L_m) even if the model forgot the detach.
+    """docs/semantics.md: encoders get alpha * d(sum L_m) even if the model forgot the detach.
 
     mmfast on the undetached model must equal the published loop on the detached
     one (same weights), while the published loop on the undetached model differs.

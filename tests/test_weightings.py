@@ -192,7 +192,7 @@ def ref_imtlg(J, rcond=None):
 
 
 def semantics_w_mm(AA, AB, BB):
-    """SEMANTICS.md's two-objective MMPareto weight, transcribed."""
+    """docs/semantics.md's two-objective MMPareto weight, transcribed."""
     if AB > 0:
         return 0.5
     if AB >= AA:

@@ -21,7 +21,7 @@ def combine_(
     max_norm: float | None = None,
     backend: str | None = None,
 ) -> CombineStats:
-    """Combines per-objective gradients into ``out``, in place, as SEMANTICS.md defines.
+    """Combines per-objective gradients into ``out``, in place, as docs/semantics.md defines.
 
     Args:
         out, grads_mm, grads_uni: equal-length lists of contiguous tensors (or three

@@ -82,7 +82,7 @@ def group_layout(groups: list, num_groups: int, fusion, device: torch.device) ->
 
 
 def mmpareto_coefficients(per_tensor: torch.Tensor, w_mm: torch.Tensor, lay: GroupLayout, gamma: float):
-    """``(ca, cb)`` per tensor so that ``out_t = ca_t a_t + cb_t b_t`` (SEMANTICS.md, steps 3-5)."""
+    """``(ca, cb)`` per tensor so that ``out_t = ca_t a_t + cb_t b_t`` (docs/semantics.md, steps 3-5)."""
     aa, ab, bb = per_tensor.unbind(1)
     w = lay.group_of(w_mm)
     v = 1 - w

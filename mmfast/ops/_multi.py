@@ -187,7 +187,7 @@ def aggregate_(out, grads, *, weighting: str = "upgrad", groups=None, gamma: flo
         groups: one group id per tensor (weights are per group), -1 for tensors that
             get the plain sum. Default: one group.
         gamma: ``mmpareto`` only: the magnitude factor of its per-tensor rescale,
-            SEMANTICS.md's for K objectives: ``n_t = K sum_k w_k g_k``, ``out_t = gamma
+            docs/semantics.md's for K objectives: ``n_t = K sum_k w_k g_k``, ``out_t = gamma
             n_t max(||sum_k g_k|| / ||n_t||, 1)`` (0 where ``n_t`` is 0 by the zero rule).
         backend: ``"cpu"``, ``"cuda"`` or ``"triton"`` (fused), ``"foreach"``/``"torch"``
             (plain PyTorch passes), or None.

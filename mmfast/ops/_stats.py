@@ -7,7 +7,7 @@ import torch
 
 
 class CombineStats(NamedTuple):
-    """Per-group and global statistics of one combine (SEMANTICS.md, "Statistics").
+    """Per-group and global statistics of one combine (docs/semantics.md, "Statistics").
 
     Every field is a tensor on the gradients' device (float64 unless noted), so
     building it never synchronises the host. ``as_dict()`` is the one place that

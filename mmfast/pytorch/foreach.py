@@ -1,7 +1,7 @@
 """The fastest exact combine we can write with stock PyTorch ops: the "best pure
 PyTorch" baseline of the benchmarks, and the fallback where no compiled backend exists.
 
-Exact first (SEMANTICS.md, Precision): every product and sum is fp64. The tensors are
+Exact first (docs/semantics.md, Precision): every product and sum is fp64. The tensors are
 cut into pieces of at most ``SLICE`` elements (the summation depth of reference.py's
 zero rule) and packed into fp64 buffers of at most ``BUFFER`` elements (big tensors a
 few pieces, small ones many to a buffer), which bounds the temporary memory

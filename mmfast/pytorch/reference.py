@@ -1,10 +1,10 @@
-"""The pure-PyTorch reference: SEMANTICS.md transcribed, readable, slow on purpose.
+"""The pure-PyTorch reference: docs/semantics.md transcribed, readable, slow on purpose.
 
 It is the oracle every other backend is tested against and the "reference"
 baseline of the benchmarks. Like the published loops it clones and concatenates
 each group's gradients and walks the tensors in a Python loop; unlike them it never
 asks the host for a value (``torch.where`` instead of ``if``). All its maths is fp64
-(SEMANTICS.md, Precision): the inputs are upcast, the result is rounded once to the
+(docs/semantics.md, Precision): the inputs are upcast, the result is rounded once to the
 gradient's dtype.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ CHUNK = 1 << 15
 # which bounds both their temporary memory and their summation depth.
 SLICE = 1 << 16
 
-# The zero rule (SEMANTICS.md: g_t = 0 only where n_t is zero up to the rounding of its
+# The zero rule (docs/semantics.md: g_t = 0 only where n_t is zero up to the rounding of its
 # fp64 terms). Derivation, written once here (csrc/precision.h has the same constant):
 #
 # * Every backend forms the products a_i*b_i of a tensor exactly or in fp64 and sums
@@ -44,12 +44,12 @@ SLICE = 1 << 16
 #   (about 1.5e-11), is indistinguishable from 0: g_t = 0 there, and only there.
 #   In words: ||n_t|| below 3.8e-6 of 2(w||a_t|| + v||b_t||). (A fixed relative rule
 #   used to zero the strong-conflict updates that MMPareto exists for.)
-# * T_t must be finite: an Inf or NaN Gram term propagates (SEMANTICS.md, non-finite).
+# * T_t must be finite: an Inf or NaN Gram term propagates (docs/semantics.md, non-finite).
 ZERO_TOL = 2.0**-36
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the maths on gradients of ``dtype``: fp64 (SEMANTICS.md, Precision)."""
+    """The dtype of the maths on gradients of ``dtype``: fp64 (docs/semantics.md, Precision)."""
     return torch.float64
 
 
@@ -64,7 +64,7 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def mmpareto_scale(aa, ab, bb, w, v, gamma: float):
-    """``s_t`` with ``g_t = s_t n_t`` (SEMANTICS.md, steps 4-5), elementwise on fp64 tensors.
+    """``s_t`` with ``g_t = s_t n_t`` (docs/semantics.md, steps 4-5), elementwise on fp64 tensors.
 
     ``s = gamma * max(||a+b|| / ||n||, 1)``, or 0 where ``n_t`` is zero by the rule above.
     NaN propagates (``clamp`` keeps it; no comparison drops it).
@@ -83,7 +83,7 @@ def is_zero_norm(nn: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
 
 
 def mmpareto_weights(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_mm, conflict)`` per group from ``gram[G, 3] = (AA, AB, BB)`` (SEMANTICS.md, step 2).
+    """``(w_mm, conflict)`` per group from ``gram[G, 3] = (AA, AB, BB)`` (docs/semantics.md, step 2).
 
     ``conflict`` is ``not AB > 0`` (the published ``cos > 0`` test): a NaN is a conflict.
     """

@@ -29,7 +29,7 @@ class MMPareto(GroupHelper):
         groups: ``{name: encoder module or iterable of parameters}``, one per modality.
             Modules are looked up at every ``backward`` (freezing, unfreezing and
             replaced parameters are followed); a list of parameters is fixed.
-        gamma: magnitude factor (SEMANTICS.md).
+        gamma: magnitude factor (docs/semantics.md).
         per_loss_backward: run one backward per unimodal loss instead of one for
             their sum. Needed only when a unimodal loss reaches another group's
             parameters, which every ``backward`` checks on that step's graph.

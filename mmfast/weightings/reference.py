@@ -427,7 +427,7 @@ def upgrad(G: torch.Tensor, iters: int = ITERS, reg_eps: float = 1e-4) -> torch.
     return V.sum(-2)
 
 
-MMPARETO_FLOOR = 0.001  # SEMANTICS.md's 0.999 / 0.001 clamp
+MMPARETO_FLOOR = 0.001  # docs/semantics.md's 0.999 / 0.001 clamp
 
 
 @_weighting
@@ -435,17 +435,17 @@ def mmpareto(G: torch.Tensor, main: int = 0, iters: int = ITERS) -> torch.Tensor
     """MMPareto (Wei & Hu 2024) for one main objective and K-1 auxiliary ones.
 
     Weights sum to 1; the combine step uses ``n = K sum_k w_k g_k`` and applies
-    SEMANTICS.md's per-tensor magnitude rescale (not part of the weights). Definition:
+    docs/semantics.md's per-tensor magnitude rescale (not part of the weights). Definition:
 
-    * The conflict test of SEMANTICS.md against the main gradient: auxiliary j
+    * The conflict test of docs/semantics.md against the main gradient: auxiliary j
       conflicts iff ``<g_main, g_j> <= 0``. C = the conflicting auxiliaries,
       S = {main} + C.
     * Auxiliaries not in C get ``1/K`` (equal weights, as MMPareto's 0.5 / 0.5).
     * |C| = 0: every weight is 1/K, so ``n`` is the plain sum.
-    * |C| = 1 (always the case for K = 2 with a conflict): SEMANTICS.md's two-objective
+    * |C| = 1 (always the case for K = 2 with a conflict): docs/semantics.md's two-objective
       weights between main and j, exactly (``AB >= AA -> w_mm = 0.999``, else
       ``AB >= BB -> 0.001``, else ``(BB - AB) / (AA + BB - 2 AB)``), times 2/K. For K = 2
-      this is ``(w_mm, w_uni)`` of SEMANTICS.md and ``n = 2 (w_mm a + w_uni b)``.
+      this is ``(w_mm, w_uni)`` of docs/semantics.md and ``n = 2 (w_mm a + w_uni b)``.
     * |C| >= 2: the min-norm (MGDA) weights over S, times |S|/K; the 0.999 / 0.001
       clamp generalises as: if the min-norm point is a vertex k of S (``G_kj >= G_kk``
       for every j in S, i.e. in exact arithmetic g_k = 0; main first, then the lowest
@@ -466,7 +466,7 @@ def mmpareto(G: torch.Tensor, main: int = 0, iters: int = ITERS) -> torch.Tensor
     dev = Gn.device
     idx = torch.arange(K, device=dev)
     is_main = idx == main
-    # SEMANTICS.md's test and closed form on the raw Gram entries (AA, AB_j, BB_j).
+    # docs/semantics.md's test and closed form on the raw Gram entries (AA, AB_j, BB_j).
     AB = G64[..., main, :]
     AA = G64[..., main, main].unsqueeze(-1)
     BB = G64.diagonal(dim1=-2, dim2=-1)

@@ -27,7 +27,7 @@
 #include "precision.h"
 
 #ifdef __CUDACC__
-#define MMFAST_SHD __host__ __device__
+#define MMFAST_SHD __host__ __device__ __forceinline__  // no ABI calls: their saved registers spill
 #else
 #define MMFAST_SHD inline
 #endif

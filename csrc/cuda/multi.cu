@@ -44,7 +44,6 @@ constexpr int kRegK = 8;             // templated register path for K <= kRegK
 constexpr int kTile = 64;            // elements per row of the shared tile (K > kRegK)
 constexpr int kJobs = 3;             // (pair, lane) sums per thread: ceil(32 * 33 / 2 / 256)
 static_assert(kJobs * kThreads >= kMaxK * (kMaxK + 1) / 2, "kJobs too small for kMaxK");
-static_assert(kRegK * (kRegK + 1) / 2 * kWarps <= kMaxK * (kTile + 1), "register-path reduction fits the tile");
 static_assert(kJobs * kThreads <= kMaxK * (kTile + 1), "tiled-path reduction fits the tile");
 enum Dtype : int8_t { kF32, kF64, kBF16, kF16 };
 
@@ -295,9 +294,10 @@ __device__ __forceinline__ void gram_tiled(const Batch& bt, const Where& at, int
 
 // out [T, K * K + 1]: each tensor's Gram (row-major) and its non-finite flag (0 or 1).
 template <int KT>
-__global__ void __launch_bounds__(kThreads) gram_k_kernel(const Batch bt, int K, double* __restrict__ partial,
+__global__ void __launch_bounds__(kThreads, 1) gram_k_kernel(const Batch bt, int K, double* __restrict__ partial,
                                                           int* __restrict__ counters, double* __restrict__ out) {
-  __shared__ double tile[kMaxK][kTile + 1];
+  // K > kRegK: the tile; else the warps' pair sums (a smaller array: more blocks per SM)
+  __shared__ double tile[KT > 0 ? 1 : kMaxK][KT > 0 ? KT * (KT + 1) / 2 * kWarps : kTile + 1];
   const Where at = locate(bt);
   const int width = K * K + 1;
   double* row = partial + (bt.base[at.s] + at.chunk) * width;
@@ -310,11 +310,12 @@ __global__ void __launch_bounds__(kThreads) gram_k_kernel(const Batch bt, int K,
       default: gram_reg<KT, float>(bt, at, row, red); break;
     }
   } else {
+    auto* t = reinterpret_cast<double(*)[kTile + 1]>(&tile[0][0]);
     switch (bt.dtype[at.s]) {
-      case kF64: gram_tiled<double>(bt, at, K, row, tile); break;
-      case kBF16: gram_tiled<__nv_bfloat16>(bt, at, K, row, tile); break;
-      case kF16: gram_tiled<__half>(bt, at, K, row, tile); break;
-      default: gram_tiled<float>(bt, at, K, row, tile); break;
+      case kF64: gram_tiled<double>(bt, at, K, row, t); break;
+      case kBF16: gram_tiled<__nv_bfloat16>(bt, at, K, row, t); break;
+      case kF16: gram_tiled<__half>(bt, at, K, row, t); break;
+      default: gram_tiled<float>(bt, at, K, row, t); break;
     }
   }
   finish(bt, at, width, partial, counters, out);
@@ -373,7 +374,7 @@ __device__ __forceinline__ void combine_body(const Batch& bt, const Where& at, i
 
 // coefs [T, K] float64 on the device; out [T]: each tensor's sum of squares.
 template <int KT>
-__global__ void __launch_bounds__(kThreads) combine_k_kernel(const Batch bt, int K, const double* __restrict__ coefs,
+__global__ void __launch_bounds__(kThreads, 1) combine_k_kernel(const Batch bt, int K, const double* __restrict__ coefs,
                                                              double* __restrict__ partial, int* __restrict__ counters,
                                                              double* __restrict__ out) {
   __shared__ double c[kMaxK];

@@ -20,6 +20,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "../weighting_args.h"
 #include "weightings.h"
@@ -36,13 +37,29 @@ constexpr int smem_doubles(int K) { return K * K + K + solve::workspace(K); }
 static_assert(smem_doubles(solve::kMaxK) * sizeof(double) <= 48 * 1024,
               "the solver's shared memory must fit the default 48 KB per block");
 
+// One kernel per weighting M: ptxas spills registers when the six solvers share one.
+template <int M>
 __device__ __forceinline__ void solve_block(const double* G, const solve::Params& p, double* w, double* ws) {
   __syncthreads();
-  if (threadIdx.x == 0) solve::weigh(G, p, w, ws);
+  if (threadIdx.x == 0) solve::weigh_as<M>(G, p, w, ws);
   __syncthreads();
 }
 
+// f(std::integral_constant<int, M>{}) for M = p.method.
+template <class F>
+void by_method(int m, const F& f) {
+  switch (m) {
+    case solve::kMgda: f(std::integral_constant<int, solve::kMgda>{}); break;
+    case solve::kPcgrad: f(std::integral_constant<int, solve::kPcgrad>{}); break;
+    case solve::kCagrad: f(std::integral_constant<int, solve::kCagrad>{}); break;
+    case solve::kImtlg: f(std::integral_constant<int, solve::kImtlg>{}); break;
+    case solve::kUpgrad: f(std::integral_constant<int, solve::kUpgrad>{}); break;
+    default: f(std::integral_constant<int, solve::kMmpareto>{}); break;
+  }
+}
+
 // G [B, K, K] float64 -> w [B, K] float64; block b solves group b.
+template <int M>
 __global__ void __launch_bounds__(kSolveThreads) weigh_kernel(const double* __restrict__ G, int64_t B,
                                                               const solve::Params p, double* __restrict__ w) {
   extern __shared__ double smem[];
@@ -52,7 +69,7 @@ __global__ void __launch_bounds__(kSolveThreads) weigh_kernel(const double* __re
   double* ws = wg + K;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     for (int j = threadIdx.x; j < KK; j += blockDim.x) g[j] = G[b * KK + j];
-    solve_block(g, p, wg, ws);
+    solve_block<M>(g, p, wg, ws);
     for (int k = threadIdx.x; k < K; k += blockDim.x) w[b * K + k] = wg[k];
   }
 }
@@ -60,6 +77,7 @@ __global__ void __launch_bounds__(kSolveThreads) weigh_kernel(const double* __re
 // aggregate_weights, first part: block g sums the per-tensor Grams of group g in tensor
 // order (the CPU's order: the same fp64 sums), writes it to gram[g], solves it into w[g].
 // layout: ids [T], first [G + 2], order [T]; entries out of range are skipped.
+template <int M>
 __global__ void __launch_bounds__(kGroupThreads) group_weights_kernel(const double* __restrict__ per, int64_t T,
                                                                       const int64_t* __restrict__ layout, int64_t G,
                                                                       const solve::Params p,
@@ -85,7 +103,7 @@ __global__ void __launch_bounds__(kGroupThreads) group_weights_kernel(const doub
       gs[j] = s;
       gram[g * KK + j] = s;
     }
-    solve_block(gs, p, wg, ws);
+    solve_block<M>(gs, p, wg, ws);
     for (int k = threadIdx.x; k < K; k += blockDim.x) w[g * K + k] = wg[k];
   }
 }
@@ -131,8 +149,11 @@ at::Tensor weighting_cuda(const at::Tensor& G, const std::string& method, double
   at::Tensor G64 = G.to(at::kDouble).contiguous();
   at::Tensor w = at::empty({B, K}, G64.options());
   if (B > 0) {
-    weigh_kernel<<<grid_for(B, 1), kSolveThreads, smem_bytes(static_cast<int>(K)),
-                   at::cuda::getCurrentCUDAStream()>>>(G64.const_data_ptr<double>(), B, p, w.data_ptr<double>());
+    by_method(p.method, [&](auto m) {
+      weigh_kernel<decltype(m)::value><<<grid_for(B, 1), kSolveThreads, smem_bytes(static_cast<int>(K)),
+                                         at::cuda::getCurrentCUDAStream()>>>(G64.const_data_ptr<double>(), B, p,
+                                                                             w.data_ptr<double>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return G.scalar_type() == at::kDouble ? w : w.to(G.scalar_type());
@@ -162,9 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_weights_on_device(const
   at::Tensor gram = at::empty({G, K, K}, f64), w = at::empty({G, K}, f64), coefs = at::empty({T, K}, f64);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (G > 0) {
-    group_weights_kernel<<<grid_for(G, 1), kGroupThreads, smem_bytes(static_cast<int>(K)), stream>>>(
-        per.const_data_ptr<double>(), T, layout.const_data_ptr<int64_t>(), G, p, gram.data_ptr<double>(),
-        w.data_ptr<double>());
+    by_method(p.method, [&](auto m) {
+      group_weights_kernel<decltype(m)::value><<<grid_for(G, 1), kGroupThreads, smem_bytes(static_cast<int>(K)),
+                                                 stream>>>(per.const_data_ptr<double>(), T,
+                                                           layout.const_data_ptr<int64_t>(), G, p,
+                                                           gram.data_ptr<double>(), w.data_ptr<double>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (T > 0) {

@@ -45,6 +45,11 @@ constexpr int kTile = 64;            // elements per row of the shared tile (K >
 constexpr int kJobs = 3;             // (pair, lane) sums per thread: ceil(32 * 33 / 2 / 256)
 static_assert(kJobs * kThreads >= kMaxK * (kMaxK + 1) / 2, "kJobs too small for kMaxK");
 static_assert(kJobs * kThreads <= kMaxK * (kTile + 1), "tiled-path reduction fits the tile");
+// Blocks per SM that __launch_bounds__ asks for (65536 / (256 * blocks) registers a thread):
+// the combine is bandwidth-bound and keeps 3 (<= 85 registers; unbounded, ptxas chose 48
+// and spilled); the Gram's K(K+1)/2 register sums need up to ~210 registers from K = 5.
+constexpr int kCombineBlocks = 3;
+template <int KT> constexpr int kGramBlocks = KT >= 5 ? 1 : 2;
 enum Dtype : int8_t { kF32, kF64, kBF16, kF16 };
 
 // The launch's metadata, by value (kernel parameters are limited to 4 KB on the CUDA
@@ -294,7 +299,7 @@ __device__ __forceinline__ void gram_tiled(const Batch& bt, const Where& at, int
 
 // out [T, K * K + 1]: each tensor's Gram (row-major) and its non-finite flag (0 or 1).
 template <int KT>
-__global__ void __launch_bounds__(kThreads, 1) gram_k_kernel(const Batch bt, int K, double* __restrict__ partial,
+__global__ void __launch_bounds__(kThreads, kGramBlocks<KT>) gram_k_kernel(const Batch bt, int K, double* __restrict__ partial,
                                                           int* __restrict__ counters, double* __restrict__ out) {
   // K > kRegK: the tile; else the warps' pair sums (a smaller array: more blocks per SM)
   __shared__ double tile[KT > 0 ? 1 : kMaxK][KT > 0 ? KT * (KT + 1) / 2 * kWarps : kTile + 1];
@@ -374,7 +379,7 @@ __device__ __forceinline__ void combine_body(const Batch& bt, const Where& at, i
 
 // coefs [T, K] float64 on the device; out [T]: each tensor's sum of squares.
 template <int KT>
-__global__ void __launch_bounds__(kThreads, 1) combine_k_kernel(const Batch bt, int K, const double* __restrict__ coefs,
+__global__ void __launch_bounds__(kThreads, kCombineBlocks) combine_k_kernel(const Batch bt, int K, const double* __restrict__ coefs,
                                                              double* __restrict__ partial, int* __restrict__ counters,
                                                              double* __restrict__ out) {
   __shared__ double c[kMaxK];

@@ -37,7 +37,9 @@ constexpr int smem_doubles(int K) { return K * K + K + solve::workspace(K); }
 static_assert(smem_doubles(solve::kMaxK) * sizeof(double) <= 48 * 1024,
               "the solver's shared memory must fit the default 48 KB per block");
 
-// One kernel per weighting M: ptxas spills registers when the six solvers share one.
+// One kernel per weighting M: ptxas spills registers when the six solvers share one. The
+// solver kernels ask for one block per SM in __launch_bounds__: without it ptxas keeps
+// 48-64 registers and spills (occupancy does not matter here: one thread per block works).
 template <int M>
 __device__ __forceinline__ void solve_block(const double* G, const solve::Params& p, double* w, double* ws) {
   __syncthreads();
@@ -60,7 +62,7 @@ void by_method(int m, const F& f) {
 
 // G [B, K, K] float64 -> w [B, K] float64; block b solves group b.
 template <int M>
-__global__ void __launch_bounds__(kSolveThreads) weigh_kernel(const double* __restrict__ G, int64_t B,
+__global__ void __launch_bounds__(kSolveThreads, 1) weigh_kernel(const double* __restrict__ G, int64_t B,
                                                               const solve::Params p, double* __restrict__ w) {
   extern __shared__ double smem[];
   const int K = p.K, KK = K * K;
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kSolveThreads) weigh_kernel(const double* __re
 // order (the CPU's order: the same fp64 sums), writes it to gram[g], solves it into w[g].
 // layout: ids [T], first [G + 2], order [T]; entries out of range are skipped.
 template <int M>
-__global__ void __launch_bounds__(kGroupThreads) group_weights_kernel(const double* __restrict__ per, int64_t T,
+__global__ void __launch_bounds__(kGroupThreads, 1) group_weights_kernel(const double* __restrict__ per, int64_t T,
                                                                       const int64_t* __restrict__ layout, int64_t G,
                                                                       const solve::Params p,
                                                                       double* __restrict__ gram,

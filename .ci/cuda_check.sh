@@ -40,7 +40,8 @@ from mmfast.ops._backends import _C
 assert mmfast.__file__.startswith(__import__("os").getcwd()), mmfast.__file__
 assert torch.version.cuda, "the cuda-check venv must hold a CUDA build of torch"
 assert _C.cuda_built(), "mmfast._C was built without its CUDA kernels"
-for op in ("mmfast::combine_", "mmfast::clip_", "mmfast::gram_k", "mmfast::combine_k_"):
+for op in ("mmfast::combine_", "mmfast::clip_", "mmfast::gram_k", "mmfast::combine_k_", "mmfast::aggregate_k_",
+           "mmfast::weighting", "mmfast::aggregate_weights"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
 info = mmfast.backends()["cuda"]
 if torch.cuda.is_available():

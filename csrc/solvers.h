@@ -27,7 +27,7 @@
 #include "precision.h"
 
 #ifdef __CUDACC__
-#define MMFAST_SHD __host__ __device__
+#define MMFAST_SHD __host__ __device__ __forceinline__  // no ABI calls: their saved registers spill
 #else
 #define MMFAST_SHD inline
 #endif
@@ -662,8 +662,11 @@ MMFAST_SHD void mmpareto(const double* G, const double* Gn, int K, int main, dou
     if (in(S, k)) w[k] = static_cast<double>(size) / K * alpha[k];
 }
 
-// One group: G (K x K, row-major, any finite or not) -> w. ws: workspace(K) doubles.
-MMFAST_SHD void weigh(const double* G, const Params& p, double* w, double* ws) {
+// One group: G (K x K, row-major, any finite or not) -> w, by the weighting M (a template
+// parameter so that a CUDA kernel holds one solver: merged, ptxas spills registers).
+// ws: workspace(K) doubles.
+template <int M>
+MMFAST_SHD void weigh_as(const double* G, const Params& p, double* w, double* ws) {
   const int K = p.K;
   double* Gn = ws;
   ws += K * K;
@@ -678,13 +681,23 @@ MMFAST_SHD void weigh(const double* G, const Params& p, double* w, double* ws) {
   const double scale = tr > 0 ? tr : 1.0;
   for (int i = 0; i < K; ++i)
     for (int j = 0; j < K; ++j) Gn[i * K + j] = 0.5 * (G[i * K + j] + G[j * K + i]) / scale;
+  if constexpr (M == kMgda) mgda(Gn, K, p.eps, w, ws);
+  else if constexpr (M == kPcgrad) pcgrad(Gn, K, p.orders, w, ws);
+  else if constexpr (M == kCagrad) cagrad(Gn, K, p, w, ws);
+  else if constexpr (M == kImtlg) imtlg(Gn, K, p.rcond >= 0 ? p.rcond : K * p.eps, w, ws);
+  else if constexpr (M == kUpgrad) upgrad(Gn, K, p.reg_eps, p.eps, w, ws);
+  else mmpareto(G, Gn, K, p.main, p.eps, w, ws);
+}
+
+// weigh_as for p.method (the CPU's entry).
+MMFAST_SHD void weigh(const double* G, const Params& p, double* w, double* ws) {
   switch (p.method) {
-    case kMgda: mgda(Gn, K, p.eps, w, ws); break;
-    case kPcgrad: pcgrad(Gn, K, p.orders, w, ws); break;
-    case kCagrad: cagrad(Gn, K, p, w, ws); break;
-    case kImtlg: imtlg(Gn, K, p.rcond >= 0 ? p.rcond : K * p.eps, w, ws); break;
-    case kUpgrad: upgrad(Gn, K, p.reg_eps, p.eps, w, ws); break;
-    default: mmpareto(G, Gn, K, p.main, p.eps, w, ws); break;
+    case kMgda: weigh_as<kMgda>(G, p, w, ws); break;
+    case kPcgrad: weigh_as<kPcgrad>(G, p, w, ws); break;
+    case kCagrad: weigh_as<kCagrad>(G, p, w, ws); break;
+    case kImtlg: weigh_as<kImtlg>(G, p, w, ws); break;
+    case kUpgrad: weigh_as<kUpgrad>(G, p, w, ws); break;
+    default: weigh_as<kMmpareto>(G, p, w, ws); break;
   }
 }
 

@@ -110,16 +110,26 @@ def _op_args_cached(name: str, K: int, items: tuple) -> tuple:
 
 
 _KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+_OPS = ("weighting", "aggregate_weights", "aggregate_k_", "gram_k", "combine_k_")
 
 
-@functools.lru_cache(maxsize=None)
+def _kernels() -> frozenset:
+    """``(op, device_type)`` pairs with a kernel in this build (meta: a shape function), read
+    from the dispatcher once at import: a plain set lookup later, which torch.compile traces
+    (it cannot trace the dispatcher query itself)."""
+    if _C is None:
+        return frozenset()
+    return frozenset((op, dev) for op in _OPS for dev, key in _KEYS.items()
+                     if not (dev == "cuda" and not _CUDA_BUILT)
+                     and torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast::{op}", key))
+
+
+_KERNELS = _kernels()
+
+
 def op_has_kernel(op: str, device_type: str) -> bool:
-    """Whether the operator ``mmfast::<op>`` has a kernel for ``device_type`` in this build
-    (meta: its shape function). Asked once per pair."""
-    key = _KEYS.get(device_type)
-    if _C is None or key is None or (device_type == "cuda" and not _CUDA_BUILT):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast::{op}", key)
+    """Whether the operator ``mmfast::<op>`` has a kernel for ``device_type`` in this build."""
+    return (op, device_type) in _KERNELS
 
 
 def has_kernel(device: torch.device) -> bool:

@@ -43,6 +43,7 @@ from .mgda import mgda
 from .mmpareto import MMPARETO_FLOOR, mmpareto
 from .pcgrad import pcgrad
 from .upgrad import upgrad
+from .reference import pick
 
 __all__ = ["mgda", "pcgrad", "cagrad", "imtlg", "upgrad", "mmpareto", "WEIGHTINGS", "weights"]
 
@@ -58,8 +59,4 @@ WEIGHTINGS = {
 
 def weights(name: str, G: torch.Tensor, **kw) -> torch.Tensor:
     """``WEIGHTINGS[name](G, **kw)``; a ``ValueError`` naming the known ones otherwise."""
-    try:
-        fn = WEIGHTINGS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown weighting {name!r}; known: {', '.join(sorted(WEIGHTINGS))}") from None
-    return fn(G, **kw)
+    return pick(WEIGHTINGS, name)(G, **kw)

@@ -505,10 +505,15 @@ WEIGHTINGS = {
 }
 
 
+def pick(table: dict, name: str):
+    """``table[name]``; a ``ValueError`` naming the known ones otherwise (shared by the
+    exact weightings' table in ``mmfast.weightings`` and this one)."""
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown weighting {name!r}; known: {', '.join(sorted(table))}") from None
+
+
 def weights(name: str, G: torch.Tensor, **kw) -> torch.Tensor:
     """``WEIGHTINGS[name](G, **kw)``; a ``ValueError`` naming the known ones otherwise."""
-    try:
-        fn = WEIGHTINGS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown weighting {name!r}; known: {', '.join(sorted(WEIGHTINGS))}") from None
-    return fn(G, **kw)
+    return pick(WEIGHTINGS, name)(G, **kw)

@@ -38,16 +38,17 @@ dist-bench: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The numerics-heavy tests again under the kernel choices of other x86 CPUs (oneDNN,
-# MKL and ATen limited to AVX2) and with one thread: tolerances must come from error
-# analysis, not from the CPU that CI happens to run on. The Triton cases are left out
-# here (its interpreter computes with NumPy, which these switches do not reach; the
-# model gradients they compare are the same as the other backends').
+# The numerics-heavy tests again under the kernel choices of other x86 CPUs (oneDNN, MKL,
+# ATen and mmfast's own loops limited to AVX2), then with one thread and mmfast's baseline
+# (SSE2) loops: tolerances must come from error analysis, not from the CPU that CI happens
+# to run on. The Triton cases are left out here (its interpreter computes with NumPy, which
+# these switches do not reach; the model gradients they compare are the same as the other
+# backends'). tests/test_isa.py checks every build of the loops in the main suite too.
 NUMERICS := tests/test_published.py tests/test_weightings.py tests/test_properties.py
-AVX2 := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+AVX2 := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MMFAST_CPU_ISA=avx2
 test-isa: setup
 	$(AVX2) $(PY) -m pytest -q -p no:cacheprovider -k "not triton" $(NUMERICS)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -k "not triton" $(NUMERICS)
+	OMP_NUM_THREADS=1 MMFAST_CPU_ISA=baseline $(PY) -m pytest -q -p no:cacheprovider -k "not triton" $(NUMERICS)
 
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-only

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mmfast  # noqa: E402
-from workloads import WORKLOADS, copy_bandwidth, make_inputs, median_time  # noqa: E402
+from workloads import WORKLOADS, copy_bandwidth, host_cost, make_inputs, median_time  # noqa: E402
 
 # ../shared/BENCHMARKS.md (CPU): floor <= 1.1x, sweep linearity <= 1.2x.
 TARGETS = {"vs_reference": 20.0, "vs_foreach": 2.0, "vs_floor": 1.1, "sweep_linearity": 1.2, "host": 1.0}
@@ -52,24 +52,6 @@ def run_workload(name, dtype, paths, reps, ref_reps, floor_bw, rows, cold=False)
                  vs_ref=times["torch"] / t, vs_floor=t / floor, ns_per_param=t / n * 1e9, floor_ms=floor * 1e3)
         )
     return times, floor
-
-
-def host_cost(n: int, reps: int = 31) -> tuple:
-    """(combine_ on the cpu backend, torch._foreach_norm) host time in seconds on ``n``
-    one-element tensors, interleaved medians: the layout is checked once, then each call
-    only fingerprints it (csrc/args.h)."""
-    a = [torch.randn(1) for _ in range(n)]
-    b = [torch.randn(1) for _ in range(n)]
-    out = [torch.empty(1) for _ in range(n)]
-    groups = [i % 2 for i in range(n)]
-    ours = lambda: mmfast.combine_(out, a, b, groups=groups, backend="cpu")  # noqa: E731
-    norm = lambda: torch._foreach_norm(a)  # noqa: E731
-    t_ours, t_norm = [], []
-    ours(), norm()
-    for _ in range(reps):
-        t_ours.append(median_time(ours, 5))
-        t_norm.append(median_time(norm, 5))
-    return sorted(t_ours)[reps // 2], sorted(t_norm)[reps // 2]
 
 
 def main():
@@ -109,7 +91,7 @@ def main():
               f"{r['vs_ref']:.1f}x | {r['vs_floor']:.2f} | {r['ns_per_param']:.3f} |")
     if "cpu" not in paths:
         return
-    host = {n: host_cost(n) for n in HOST_SIZES}
+    host = {n: [sorted(ts)[len(ts) // 2] for ts in host_cost(n)] for n in HOST_SIZES}
     print()
     print("| host cost per call | combine_ (cpu) us | torch._foreach_norm us | ratio |")
     print("|---|---:|---:|---:|")

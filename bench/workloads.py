@@ -82,6 +82,27 @@ def median_time(fn, reps: int, warmup: int = 1, cold: bool = False) -> float:
     return times[len(times) // 2]
 
 
+def host_cost(n: int, rounds: int = 31, reps: int = 5) -> tuple:
+    """Host time (seconds) of one ``combine_`` call on the cpu backend and of one
+    ``torch._foreach_norm`` over the same ``n`` one-element tensors (BENCHMARKS.md), as two
+    lists with one median of ``reps`` calls per round, the rounds alternating between the
+    two. The layout is checked on the first call; later calls only fingerprint it."""
+    import mmfast
+
+    a = [torch.randn(1) for _ in range(n)]
+    b = [torch.randn(1) for _ in range(n)]
+    out = [torch.empty(1) for _ in range(n)]
+    groups = [i % 2 for i in range(n)]
+    ours = lambda: mmfast.combine_(out, a, b, groups=groups, backend="cpu")  # noqa: E731
+    norm = lambda: torch._foreach_norm(a)  # noqa: E731
+    ours(), norm()
+    t_ours, t_norm = [], []
+    for _ in range(rounds):
+        t_ours.append(median_time(ours, reps, warmup=0))
+        t_norm.append(median_time(norm, reps, warmup=0))
+    return t_ours, t_norm
+
+
 def copy_bandwidth(n_bytes: int = 1 << 28, reps: int = 15) -> float:
     """Bytes per second of a large ``dst.copy_(src)``, counting read plus write."""
     src = torch.randn(n_bytes // 4)

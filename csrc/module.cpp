@@ -87,6 +87,7 @@ TORCH_LIBRARY_IMPL(mmfast, ADInplaceOrView, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  mmfast::cpu::isa();  // MMFAST_CPU_ISA is read now: a bad value fails the import, not a kernel
   mmfast::add_fast_calls(m);  // csrc/fast_calls.h
   m.def("simd_level", &mmfast::cpu::simd_level, "Instruction set the CPU kernels dispatch to on this machine.");
   m.def("cuda_built", &mmfast::cuda_built, "Whether this build includes the CUDA kernels.");

@@ -230,7 +230,7 @@ def check_fsdp_mp(method: str, rank: int, world: int) -> float:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mode: str, scenario: str,
-           bad_rank) -> None:
+           bad_rank, prefix: str = "") -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=15))
@@ -240,9 +240,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mod
             out, out_a, _ = model(*batch(0)[:2])
             helper.backward(ce(out, batch(0)[2]), {"audio": ce(out_a, batch(0)[2])})
         result = check_fsdp_mp(method, rank, world) if mode == "fsdp-mp" else train(method, scenario, rank, world, mode)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(result, os.path.join(out_dir, f"{prefix}rank{rank}.pt"))
     except Exception as e:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+        with open(os.path.join(out_dir, f"{prefix}rank{rank}.err"), "w") as f:
             f.write(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
         if dist.is_initialized():
@@ -250,3 +250,12 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, method: str, mod
                 dist.destroy_process_group()
             except Exception:
                 pass
+
+
+def batch_worker(rank: int, world: int, out_dir: str, jobs: dict) -> None:
+    """Runs every job ``{name: (method, mode, scenario)}`` in this one process, each in a
+    process group of its own (results in ``out_dir/{name}-rank{r}.pt`` or ``.err``): the
+    ranks start once for all of them (a start costs more than a job)."""
+    for name, (method, mode, scenario) in jobs.items():
+        worker(rank, world, os.path.join(out_dir, f"init-{name}"), out_dir, method, mode, scenario, None,
+               prefix=f"{name}-")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_worker import STEPS, train, worker
+from dist_worker import STEPS, batch_worker, train, worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 
@@ -16,6 +16,11 @@ def launch(tmp_path, method, mode, scenario="plain", bad_rank=None, timeout=120)
     init = tmp_path / "init"
     procs = [ctx.Process(target=worker, args=(r, 2, str(init), str(tmp_path), method, mode, scenario, bad_rank))
              for r in range(2)]
+    _wait(procs, timeout)
+    return _read(tmp_path, "")
+
+
+def _wait(procs, timeout):
     for p in procs:
         p.start()
     deadline = time.time() + timeout
@@ -25,13 +30,42 @@ def launch(tmp_path, method, mode, scenario="plain", bad_rank=None, timeout=120)
     for p in hung:
         p.kill()
     assert not hung, "a rank hung"
+
+
+def _read(out_dir, prefix):
     results, errors = {}, {}
     for r in range(2):
-        if (tmp_path / f"rank{r}.pt").exists():
-            results[r] = torch.load(tmp_path / f"rank{r}.pt")
-        if (tmp_path / f"rank{r}.err").exists():
-            errors[r] = (tmp_path / f"rank{r}.err").read_text()
+        if (out_dir / f"{prefix}rank{r}.pt").exists():
+            results[r] = torch.load(out_dir / f"{prefix}rank{r}.pt")
+        if (out_dir / f"{prefix}rank{r}.err").exists():
+            errors[r] = (out_dir / f"{prefix}rank{r}.err").read_text()
     return results, errors
+
+
+# The jobs that should succeed run in one pair of rank processes, each in a process group
+# of its own (dist_worker.batch_worker): starting two ranks costs more than most jobs.
+# Each test below reads its job's results; a job that fails leaves .err files, as alone.
+LOOPS = [("mmpareto", "accum"), ("dgl", "accum"), ("multi", "accum"), ("mmpareto", "global"),
+         ("multi", "global"), ("mmpareto", "missing"), ("dgl", "missing"), ("mmpareto", "branch"),
+         ("dgl", "branch"), ("mmpareto", "branch1")]
+JOBS = {
+    **{f"equal-{m}-{mode}": (m, mode, "plain") for m in ("mmpareto", "dgl", "multi") for mode in ("plain", "ddp")},
+    **{f"loop-{m}-{s}": (m, "ddp", s) for m, s in LOOPS},
+    **{f"fsdp-{m}": (m, "fsdp", "plain") for m in ("mmpareto", "dgl", "multi")},
+    **{f"fsdp-mp-{m}": (m, "fsdp-mp", "plain") for m in ("mmpareto", "dgl")},
+    "uneven": ("mmpareto", "ddp", "uneven"),
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist-batch")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=batch_worker, args=(r, 2, str(out), JOBS)) for r in range(2)]
+    for p in procs:
+        p.start()
+    _wait(procs, 60 + 20 * len(JOBS))
+    return lambda name: _read(out, f"{name}-")
 
 
 def close(x, y, rtol=1e-5):
@@ -52,9 +86,9 @@ def assert_equal_to_one_process(results, ref_grads, ref_params, rtol=1e-5):
 
 @pytest.mark.parametrize("mode", ["plain", "ddp"])
 @pytest.mark.parametrize("method", ["mmpareto", "dgl", "multi"])
-def test_two_ranks_equal_one_process(tmp_path, method, mode):
+def test_two_ranks_equal_one_process(batch, method, mode):
     ref_grads, ref_params = train(method)
-    results, errors = launch(tmp_path, method, mode)
+    results, errors = batch(f"equal-{method}-{mode}")
     assert not errors, errors
     assert_equal_to_one_process(results, ref_grads, ref_params)
     # The halves disagree: a per-rank combine without communication would differ.
@@ -64,41 +98,36 @@ def test_two_ranks_equal_one_process(tmp_path, method, mode):
 
 # The loops of tests/test_loops.py, with 2 ranks: accumulation (no_sync; the
 # global-batch form), a modality missing on one rank, a branch taken from step 1 on.
-LOOPS = [("mmpareto", "accum"), ("dgl", "accum"), ("multi", "accum"), ("mmpareto", "global"),
-         ("multi", "global"), ("mmpareto", "missing"), ("dgl", "missing"), ("mmpareto", "branch"),
-         ("dgl", "branch"), ("mmpareto", "branch1")]
-
-
 @pytest.mark.parametrize("method,scenario", LOOPS, ids=[f"{m}-{s}" for m, s in LOOPS])
-def test_training_loops_with_ddp(tmp_path, method, scenario):
+def test_training_loops_with_ddp(batch, method, scenario):
     ref_grads, ref_params = train(method, scenario)
-    results, errors = launch(tmp_path, method, "ddp", scenario)
+    results, errors = batch(f"loop-{method}-{scenario}")
     assert not errors, errors
     assert_equal_to_one_process(results, ref_grads, ref_params)
 
 
 @pytest.mark.parametrize("method", ["mmpareto", "dgl", "multi"])
-def test_fsdp2_equals_one_process(tmp_path, method):
+def test_fsdp2_equals_one_process(batch, method):
     """fully_shard on each encoder and the model: 2 ranks with half the batch each give the
     published step on the whole batch (gathered for the comparison), within 3e-5."""
     ref_grads, ref_params = train(method)
-    results, errors = launch(tmp_path, method, "fsdp")
+    results, errors = batch(f"fsdp-{method}")
     assert not errors, errors
     assert_equal_to_one_process(results, ref_grads, ref_params, rtol=3e-5)
 
 
 @pytest.mark.parametrize("method", ["mmpareto", "dgl"])
-def test_fsdp2_mixed_precision(tmp_path, method):
+def test_fsdp2_mixed_precision(batch, method):
     """bf16 parameters, fp32 reduction: the definition on the gradients FSDP produces."""
-    results, errors = launch(tmp_path, method, "fsdp-mp")
+    results, errors = batch(f"fsdp-mp-{method}")
     assert not errors, errors
     # the same bf16 forward and backward on both sides; only the combine's own rounding differs
     assert results[0] <= 1e-5 and results[1] <= 1e-5, results
 
 
-def test_uneven_last_batch(tmp_path):
+def test_uneven_last_batch(batch):
     ref_grads, ref_params = train("mmpareto", "uneven")
-    results, errors = launch(tmp_path, "mmpareto", "ddp", "uneven")
+    results, errors = batch("uneven")
     assert not errors, errors
     assert_equal_to_one_process(results, ref_grads, ref_params)
 

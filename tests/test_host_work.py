@@ -3,13 +3,13 @@ layout (in C++), the host-overhead bar, and combine_'s two passes as private fun
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 from torch import nn
 
 import mmfast
+from bench.workloads import host_cost
 from helpers import assert_close_to_reference, make_grads, reference64
 from mmfast.ops._combine import combine_pass_, gram_pass
 
@@ -171,33 +171,14 @@ def test_layout_cache_is_bounded_and_thread_safe():
     assert torch.ops.mmfast._layout_stats()[1] <= 64
 
 
-def _median(fn, reps):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
-
-
 @needs_cpu
 @pytest.mark.parametrize("n", [120, 1000])
 def test_host_cost_within_one_foreach_norm(n):
     """BENCHMARKS.md: a combine_ call on n one-element tensors costs no more host time than
     one torch._foreach_norm over the same list (measured interleaved; 1.5x margin for a
-    shared machine: bench/table.py --host prints the ratio)."""
-    a = [torch.randn(1) for _ in range(n)]
-    b = [torch.randn(1) for _ in range(n)]
-    out = [torch.empty(1) for _ in range(n)]
-    groups = [i % 2 for i in range(n)]
-    ours = lambda: mmfast.combine_(out, a, b, groups=groups, backend="cpu")  # noqa: E731
-    norm = lambda: torch._foreach_norm(a)  # noqa: E731
-    ours(), norm()
-    ratios = []
-    for _ in range(5):
-        ratios.append(_median(ours, 21) / _median(norm, 21))
-    ratios.sort()
+    shared machine: bench/table.py prints the ratio)."""
+    ours, norm = host_cost(n, rounds=5, reps=21)
+    ratios = sorted(o / m for o, m in zip(ours, norm))
     assert ratios[2] <= 1.5, f"combine_ / foreach_norm host time at {n} tensors: {ratios}"
 
 

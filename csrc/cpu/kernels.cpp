@@ -1,192 +1,81 @@
-// SIMD loops of the CPU backend, two objectives. Every entry point is compiled
-// three times (AVX-512, AVX2+FMA, baseline x86-64) and the loader picks the best
-// clone the machine supports, so the wheel stays portable and still uses the wide units.
-#include "kernels_impl.h"
+// Entry points of the two-objective CPU loops (kernels_loops.h, one build per instruction
+// set: isa.h), and the choice of that instruction set, made once per process.
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#define MMFAST_LOOPS "kernels_loops.h"
+#include "isa.h"
 
 namespace mmfast::cpu {
 namespace {
 
-// Products and sums in fp64 lanes (SEMANTICS.md, Precision: fp32 products are exact in
-// fp64, and the pass is memory-bound, so the wider lanes cost no time: bench/table.py).
-template <class S>
-MMFAST_INLINE void gram_range(const typename S::T* a, const typename S::T* b, int64_t n, Partial& p) {
-  using V = typename S::V;
-  constexpr int64_t W = S::W;
-  constexpr int P = S::P;
-  double aa = 0, ab = 0, bb = 0;
-  V z = {};
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t m = std::min(kBlock, n - start);
-    const typename S::T* pa = a + start;
-    const typename S::T* pb = b + start;
-    v8d saa[P] = {}, sab[P] = {}, sbb[P] = {};
-    auto step = [&](V x, V y) MMFAST_INLINE_LAMBDA {
-      z += (x - x) + (y - y);
-      v8d xd[P], yd[P];
-      widen(x, xd);
-      widen(y, yd);
-      for (int q = 0; q < P; ++q) {
-        saa[q] += xd[q] * xd[q];
-        sab[q] += xd[q] * yd[q];
-        sbb[q] += yd[q] * yd[q];
-      }
-    };
-    int64_t i = 0;
-    for (; i + W <= m; i += W) step(S::load(pa + i), S::load(pb + i));
-    if (i < m) step(load_tail<S>(pa + i, m - i), load_tail<S>(pb + i, m - i));
-    aa += hsum<P>(saa);
-    ab += hsum<P>(sab);
-    bb += hsum<P>(sbb);
+Isa best_isa() {
+#if MMFAST_HAVE_ISA_BUILDS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+const char* name(Isa i) {
+  switch (i) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
   }
-  p.aa = aa;
-  p.ab = ab;
-  p.bb = bb;
-  p.sq = 0;
-  p.finite = all_zero<S>(z);
 }
 
-// out = ca*a + cb*b formed in fp64 with fp64 coefficients (under strong conflict the two
-// terms cancel to 1e-4 of their size: fp32 coefficients would cost 6e-8 / 1e-4 of the
-// result), rounded once to the storage type; <out,out> over the fp64 values. An input the
-// mode drops is not read (unless the Gram rides along), so its NaN cannot reach out.
-template <class S, Mode M, bool G>
-MMFAST_INLINE void combine_range(const typename S::T* a, const typename S::T* b, typename S::T* o, int64_t n,
-                                 double ca, double cb, Partial& p) {
-  using V = typename S::V;
-  constexpr int64_t W = S::W;
-  constexpr int P = S::P;
-  constexpr bool kReadA = M != kB || G;
-  constexpr bool kReadB = M != kA || G;
-  double aa = 0, ab = 0, bb = 0, sq = 0;
-  V z = {};
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t m = std::min(kBlock, n - start);
-    const typename S::T* pa = a + start;
-    const typename S::T* pb = b + start;
-    typename S::T* po = o + start;
-    v8d ssq[P] = {}, saa[P] = {}, sab[P] = {}, sbb[P] = {};
-    auto step = [&](V x, V y) MMFAST_INLINE_LAMBDA {
-      if constexpr (kReadA) z += x - x;
-      if constexpr (kReadB) z += y - y;
-      v8d xd[P], yd[P], vd[P];
-      widen(x, xd);
-      widen(y, yd);
-      for (int q = 0; q < P; ++q) {
-        vd[q] = M == kAB ? ca * xd[q] + cb * yd[q] : (M == kA ? ca * xd[q] : cb * yd[q]);
-        ssq[q] += vd[q] * vd[q];
-        if constexpr (G) {
-          saa[q] += xd[q] * xd[q];
-          sab[q] += xd[q] * yd[q];
-          sbb[q] += yd[q] * yd[q];
-        }
-      }
-      V v;
-      narrow(vd, v);
-      return v;
-    };
-    int64_t i = 0;
-    for (; i + W <= m; i += W) {
-      const V x = kReadA ? S::load(pa + i) : V{};
-      const V y = kReadB ? S::load(pb + i) : V{};
-      S::store(po + i, step(x, y));
-    }
-    if (i < m) {
-      const V x = kReadA ? load_tail<S>(pa + i, m - i) : V{};
-      const V y = kReadB ? load_tail<S>(pb + i, m - i) : V{};
-      store_tail<S>(po + i, step(x, y), m - i);
-    }
-    sq += hsum<P>(ssq);
-    if constexpr (G) {
-      aa += hsum<P>(saa);
-      ab += hsum<P>(sab);
-      bb += hsum<P>(sbb);
-    }
+Isa choose_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("MMFAST_CPU_ISA");
+  if (!env || !*env) return best;
+  for (Isa i : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (std::string(env) != name(i)) continue;
+    if (i > best)
+      throw std::invalid_argument(std::string("MMFAST_CPU_ISA=") + env + ": this CPU (or this build) runs " +
+                                  name(best) + " at most");
+    return i;
   }
-  p.aa = aa;
-  p.ab = ab;
-  p.bb = bb;
-  p.sq = sq;
-  p.finite = all_zero<S>(z);
+  throw std::invalid_argument(std::string("MMFAST_CPU_ISA=") + env +
+                              ": expected one of avx512, avx2, baseline (or unset: the best this CPU has)");
 }
 
-template <class S>
-MMFAST_INLINE void scale_range(typename S::T* o, int64_t n, double coef_) {
-  using V = typename S::V;
-  using E = decltype(V{}[0]);
-  constexpr int64_t W = S::W;
-  const E coef = static_cast<E>(coef_);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) S::store(o + i, S::load(o + i) * coef);
-  if (i < n) store_tail<S>(o + i, load_tail<S>(o + i, n - i) * coef, n - i);
-}
-
-// Calls fn with the storage type of a dtype.
 }  // namespace
 
-MMFAST_CLONES void gram_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end,
-                               Partial* partials) {
-  for (int64_t c = begin; c < end; ++c) {
-    const Chunk& ch = chunks[c];
-    const TensorRef& t = tensors[ch.tensor];
-    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
-      using S = decltype(s);
-      using T = typename S::T;
-      gram_range<S>(static_cast<const T*>(t.a) + ch.begin, static_cast<const T*>(t.b) + ch.begin, ch.n, partials[c]);
-    });
-  }
-}
-
-MMFAST_CLONES void combine_chunks(const TensorRef* tensors, const Coef* coefs, const Chunk* chunks, int64_t begin,
-                                  int64_t end, bool with_gram, Partial* partials) {
-  for (int64_t c = begin; c < end; ++c) {
-    const Chunk& ch = chunks[c];
-    const TensorRef& t = tensors[ch.tensor];
-    const Coef& k = coefs[ch.tensor];
-    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
-      using S = decltype(s);
-      using T = typename S::T;
-      const T* a = static_cast<const T*>(t.a) + ch.begin;
-      const T* b = static_cast<const T*>(t.b) + ch.begin;
-      T* o = static_cast<T*>(t.out) + ch.begin;
-      Partial& p = partials[c];
-      auto run = [&](auto mode, auto gram) MMFAST_INLINE_LAMBDA {
-        combine_range<S, decltype(mode)::value, decltype(gram)::value>(a, b, o, ch.n, k.ca, k.cb, p);
-      };
-      using kG = std::true_type;
-      using kNoG = std::false_type;
-      using AB = std::integral_constant<Mode, kAB>;
-      using A = std::integral_constant<Mode, kA>;
-      using B = std::integral_constant<Mode, kB>;
-      switch (k.mode) {
-        case kAB: with_gram ? run(AB{}, kG{}) : run(AB{}, kNoG{}); break;
-        case kA: with_gram ? run(A{}, kG{}) : run(A{}, kNoG{}); break;
-        case kB: with_gram ? run(B{}, kG{}) : run(B{}, kNoG{}); break;
-      }
-    });
-  }
-}
-
-MMFAST_CLONES void scale_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end,
-                                double coef) {
-  for (int64_t c = begin; c < end; ++c) {
-    const Chunk& ch = chunks[c];
-    const TensorRef& t = tensors[ch.tensor];
-    with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
-      using S = decltype(s);
-      scale_range<S>(static_cast<typename S::T*>(t.out) + ch.begin, ch.n, coef);
-    });
-  }
+Isa isa() {
+  static const Isa chosen = choose_isa();  // module.cpp calls this at import: a bad value is an ImportError
+  return chosen;
 }
 
 const char* simd_level() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_CLONES)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3)";
-  return "sse2 (x86-64 baseline)";
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512 (x86-64-v4)";
+    case Isa::kAvx2: return "avx2 (x86-64-v3)";
+    default:
+#if MMFAST_HAVE_ISA_BUILDS
+      return "sse2 (x86-64 baseline)";
 #else
-  return "generic (compiler vector extensions)";
+      return "generic (compiler vector extensions)";
 #endif
+  }
+}
+
+void gram_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end, Partial* partials) {
+  static const auto fn = MMFAST_PICK(gram_chunks);
+  fn(tensors, chunks, begin, end, partials);
+}
+
+void combine_chunks(const TensorRef* tensors, const Coef* coefs, const Chunk* chunks, int64_t begin, int64_t end,
+                    bool with_gram, Partial* partials) {
+  static const auto fn = MMFAST_PICK(combine_chunks);
+  fn(tensors, coefs, chunks, begin, end, with_gram, partials);
+}
+
+void scale_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end, double coef) {
+  static const auto fn = MMFAST_PICK(scale_chunks);
+  fn(tensors, chunks, begin, end, coef);
 }
 
 }  // namespace mmfast::cpu

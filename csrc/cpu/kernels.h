@@ -1,5 +1,5 @@
-// The two passes over gradient memory, on plain pointers (no ATen here, so this
-// translation unit can be compiled once per instruction set; see kernels.cpp).
+// The two passes over gradient memory, on plain pointers (no ATen here, so the loops
+// can be compiled once per instruction set: isa.h).
 #pragma once
 
 #include <cstdint>
@@ -45,7 +45,11 @@ void combine_chunks(const TensorRef* tensors, const Coef* coefs, const Chunk* ch
                     bool with_gram, Partial* partials);
 void scale_chunks(const TensorRef* tensors, const Chunk* chunks, int64_t begin, int64_t end, double coef);
 
-// Which instruction set the kernels dispatch to on this machine.
+// The instruction set whose build of the loops runs (isa.h): the best this CPU has, or a
+// lower one named by MMFAST_CPU_ISA=avx512|avx2|baseline (read once; for tests). A level
+// the CPU lacks, or another value, is an error at the first kernel call.
+enum class Isa : int8_t { kBaseline, kAvx2, kAvx512 };
+Isa isa();
 const char* simd_level();
 
 }  // namespace mmfast::cpu

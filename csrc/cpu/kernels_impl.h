@@ -1,22 +1,9 @@
-// Building blocks of the CPU kernels, shared by the translation units that hold
-// the entry points (kernels.cpp: two objectives; kernels_multi.cpp: K objectives),
-// which compile in parallel. Everything here is inlined into each clone.
-#pragma once
-
-#include <algorithm>
-#include <cstring>
-#include <type_traits>
-
-#include "kernels.h"
+// Building blocks of the CPU loops, shared by both loop headers (kernels_loops.h: two
+// objectives; kernels_multi_loops.h: K objectives). Included once per instruction-set
+// build (isa.h), into that build's namespace: no include guard.
 #include "vec.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_CLONES)
-#define MMFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MMFAST_CLONES
-#endif
-
-namespace mmfast::cpu {
+namespace mmfast::cpu::MMFAST_ISA {
 namespace {
 
 struct F64 {
@@ -51,6 +38,12 @@ MMFAST_INLINE void store_tail(typename S::T* p, typename S::V v, int64_t k) {
   std::memcpy(p, buf, k * sizeof(typename S::T));
 }
 
+// Whether finiteness is checked value by value: only for fp64 storage, whose squares can
+// overflow the fp64 sums. For the others a sum of squares is non-finite exactly when a
+// value in it is, which the loops read off their sums.
+template <class S>
+constexpr bool kCheckEach = std::is_same_v<typename S::T, double>;
+
 template <class S>
 MMFAST_INLINE bool all_zero(typename S::V z) {
   // z accumulates (x - x): 0 for finite x, NaN otherwise.
@@ -71,4 +64,4 @@ MMFAST_INLINE void with_storage(Dtype d, Fn&& fn) {
 
 
 }  // namespace
-}  // namespace mmfast::cpu
+}  // namespace mmfast::cpu::MMFAST_ISA

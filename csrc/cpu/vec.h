@@ -1,15 +1,12 @@
-// Portable SIMD for the CPU kernels: GCC/Clang vector extensions.
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions, with intrinsics where
+// the portable form compiles badly (MMFAST_AVX512 / MMFAST_AVX2).
 //
-// A v16f is 16 floats; the compiler lowers it to one zmm (AVX-512), two ymm
-// (AVX2) or four xmm (SSE2), whichever the calling function's target allows, so
-// the same source serves every clone of kernels.cpp. Loads and stores go through
-// memcpy: gradients carry no alignment promise.
-#pragma once
-
-#include <cstdint>
-#include <cstring>
-
-namespace mmfast::cpu {
+// A v16f is 16 floats; the compiler lowers it to one zmm (AVX-512), two ymm (AVX2) or
+// four xmm (SSE2), whichever the instruction set of the build allows. Included once per
+// build (isa.h), into that build's namespace: no include guard. Loads and stores go
+// through memcpy or unaligned intrinsics: gradients carry no alignment promise.
+namespace mmfast::cpu::MMFAST_ISA {
+namespace {
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef double v8d __attribute__((vector_size(64)));
@@ -74,27 +71,68 @@ struct F32 {
 };
 struct BF16 {
   using T = uint16_t;
+#if MMFAST_AVX512  // one vpmovzxwd from memory (the portable form: four shuffles more)
+  static MMFAST_INLINE v16f load(const T* p) {
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+#else
   static MMFAST_INLINE v16f load(const T* p) { v16h v; std::memcpy(&v, p, sizeof v); return bf16_to_f32(v); }
+#endif
   static MMFAST_INLINE void store(T* p, v16f v) { v16h h = f32_to_bf16(v); std::memcpy(p, &h, sizeof h); }
 };
+// F16C (in AVX2 and AVX-512 builds) converts in one instruction, rounding to nearest even
+// as c10::Half does; NaN stays NaN (its payload may differ: no rule reads it).
 struct F16 {
   using T = uint16_t;
+#if MMFAST_AVX512
+  static MMFAST_INLINE v16f load(const T* p) { return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static MMFAST_INLINE void store(T* p, v16f v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif MMFAST_AVX2
+  static MMFAST_INLINE v16f load(const T* p) {
+    const __m256 half[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)),
+                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)))};
+    v16f v;
+    std::memcpy(&v, half, sizeof v);
+    return v;
+  }
+  static MMFAST_INLINE void store(T* p, v16f v) {
+    __m256 half[2];
+    std::memcpy(half, &v, sizeof v);
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(half[0], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128((__m128i*)(p + 8), _mm256_cvtps_ph(half[1], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#else
   static MMFAST_INLINE v16f load(const T* p) { v16h v; std::memcpy(&v, p, sizeof v); return f16_to_f32(v); }
   static MMFAST_INLINE void store(T* p, v16f v) { v16h h = f32_to_f16(v); std::memcpy(p, &h, sizeof h); }
+#endif
 };
 
 typedef float v8f __attribute__((vector_size(32)));
 
-// fp64 lanes for the maths (SEMANTICS.md, Precision): a v16f widens to two v8d (fp32
+// fp64 lanes for the maths (docs/semantics.md, Precision): a v16f widens to two v8d (fp32
 // products are exact in fp64), a v8d is its own single part. Results narrow back once.
+// AVX-512: one vcvtps2pd / vcvtpd2ps per half (GCC 12 splits the portable form in four).
 MMFAST_INLINE void widen(v16f x, v8d* d) {
+#if MMFAST_AVX512
+  const __m512d both = _mm512_castps_pd((__m512)x);
+  d[0] = (v8d)_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_castpd512_pd256(both)));
+  d[1] = (v8d)_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(both, 1)));
+#else
   d[0] = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
   d[1] = __builtin_convertvector(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+#endif
 }
 MMFAST_INLINE void widen(v8d x, v8d* d) { d[0] = x; }
 MMFAST_INLINE void narrow(const v8d* d, v16f& x) {
+#if MMFAST_AVX512
+  const __m256 lo = _mm512_cvtpd_ps((__m512d)d[0]), hi = _mm512_cvtpd_ps((__m512d)d[1]);
+  x = (v16f)_mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+#else
   const v8f lo = __builtin_convertvector(d[0], v8f), hi = __builtin_convertvector(d[1], v8f);
   x = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
 }
 MMFAST_INLINE void narrow(const v8d* d, v8d& x) { x = d[0]; }
 
@@ -106,4 +144,5 @@ MMFAST_INLINE double hsum(const v8d* parts) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-}  // namespace mmfast::cpu
+}  // namespace
+}  // namespace mmfast::cpu::MMFAST_ISA

@@ -20,6 +20,8 @@ def _load_extension():
     try:
         from .. import _C  # noqa: F401  (registers the mmfast::combine_ kernels)
     except ImportError as e:
+        if "MMFAST_CPU_ISA" in repr(e) + repr(e.__cause__):  # asked for by name: no silent fallback
+            raise
         return None, f"the C++ extension mmfast._C is not built or failed to load ({e})"
     return _C, ""
 

@@ -10,9 +10,10 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST   defaults to "8.0;9.0+PTX" when unset (torch's own default
                          needs a visible GPU and fails without one).
   MMFAST_CXX_OPT         the C++ optimisation level, default -O3 (what users get). CI's
-                         `make sdist-check` builds with -O1: it checks the package, and
-                         -O3 compiles csrc/cpu/kernels_multi.cpp 15x slower (~4.5 min of
-                         one core); `make test` checks the -O3 build.
+                         `make sdist-check` and `make cuda-check` build with -O1: they
+                         check the package and the CUDA build, and -O3 compiles
+                         csrc/cpu/kernels_multi.cpp about 10x slower (~2.5 min of one
+                         core); `make test` checks the -O3 build.
 """
 import glob
 import os
@@ -92,7 +93,7 @@ def cuda_decision():
 
 
 # Compiled first: ninja starts jobs in source order, and kernels_multi.cpp (every K x dtype x
-# ISA clone inlined into two functions) takes longer than all the other files together; begun
+# instruction-set build of its loops, csrc/cpu/isa.h) takes longer than the others; begun
 # after them, it made the whole build that much longer. None of these defines a static
 # initializer, so the registrations (module.cpp, then the rest) keep their order.
 SLOW_FIRST = ["csrc/cpu/kernels_multi.cpp", "csrc/cpu/kernels.cpp"]

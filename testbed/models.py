@@ -42,7 +42,8 @@ class ResNet18Trunk(nn.Module):
 
     def forward(self, x):
         x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(x), 1), 1)
+        # global average pool as a mean: a new tensor, not a view (FSDP2 warns on a view output)
+        return self.layers(x).mean(dim=(2, 3))
 
 
 class AVClassifier(nn.Module):

@@ -16,11 +16,11 @@ def launch(tmp_path, method, mode, scenario="plain", bad_rank=None, timeout=120)
     init = tmp_path / "init"
     procs = [ctx.Process(target=worker, args=(r, 2, str(init), str(tmp_path), method, mode, scenario, bad_rank))
              for r in range(2)]
-    _wait(procs, timeout)
+    _run(procs, timeout)
     return _read(tmp_path, "")
 
 
-def _wait(procs, timeout):
+def _run(procs, timeout):
     for p in procs:
         p.start()
     deadline = time.time() + timeout
@@ -62,9 +62,7 @@ def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist-batch")
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=batch_worker, args=(r, 2, str(out), JOBS)) for r in range(2)]
-    for p in procs:
-        p.start()
-    _wait(procs, 60 + 20 * len(JOBS))
+    _run(procs, 60 + 20 * len(JOBS))
     return lambda name: _read(out, f"{name}-")
 
 

@@ -100,20 +100,28 @@ MMFAST_INLINE void combine_k_range(const MultiRef& t, int k_rt, const double* c,
   sq_out = sq;
 }
 
-// Calls fn with K as a compile-time constant for 2..8 (unrolled registers), 0 (runtime K) above.
-template <class Fn>
+// Calls fn with K as a compile-time constant for 1..8 (unrolled registers), 0 (runtime K)
+// above. Only where it pays: the AVX2 and AVX-512 builds, for fp32/bf16/fp16 storage. The
+// baseline build and fp64 gradients take the runtime-K loop at every K (same results): each
+// unrolled K costs compile time (about 20 s of -O3 per K, build and dtype).
+template <class S, class Fn>
 MMFAST_INLINE void with_k(int k, Fn&& fn) {
-  switch (k) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    default: fn(std::integral_constant<int, 0>{});
+#if MMFAST_AVX512 || MMFAST_AVX2
+  if constexpr (!kCheckEach<S>) {
+    switch (k) {
+      case 1: return fn(std::integral_constant<int, 1>{});
+      case 2: return fn(std::integral_constant<int, 2>{});
+      case 3: return fn(std::integral_constant<int, 3>{});
+      case 4: return fn(std::integral_constant<int, 4>{});
+      case 5: return fn(std::integral_constant<int, 5>{});
+      case 6: return fn(std::integral_constant<int, 6>{});
+      case 7: return fn(std::integral_constant<int, 7>{});
+      case 8: return fn(std::integral_constant<int, 8>{});
+      default: break;
+    }
   }
+#endif
+  fn(std::integral_constant<int, 0>{});
 }
 
 }  // namespace
@@ -124,7 +132,7 @@ void gram_k_chunks(const MultiRef* tensors, int K, const Chunk* chunks, int64_t 
     const Chunk& ch = chunks[c];
     const MultiRef& t = tensors[ch.tensor];
     with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
-      with_k(K, [&](auto kc) MMFAST_INLINE_LAMBDA {
+      with_k<decltype(s)>(K, [&](auto kc) MMFAST_INLINE_LAMBDA {
         gram_k_range<decltype(s), decltype(kc)::value>(t, K, ch.begin, ch.n, partials + c * K * K, finite[c]);
       });
     });
@@ -137,7 +145,7 @@ void combine_k_chunks(const MultiRef* tensors, int K, const double* coefs, const
     const Chunk& ch = chunks[c];
     const MultiRef& t = tensors[ch.tensor];
     with_storage(t.dtype, [&](auto s) MMFAST_INLINE_LAMBDA {
-      with_k(K, [&](auto kc) MMFAST_INLINE_LAMBDA {
+      with_k<decltype(s)>(K, [&](auto kc) MMFAST_INLINE_LAMBDA {
         combine_k_range<decltype(s), decltype(kc)::value>(t, K, coefs + ch.tensor * K, ch.begin, ch.n, sq[c]);
       });
     });

@@ -108,8 +108,12 @@ def main():
         checks.append((f"host: combine_ / foreach_norm, {n} tensors", ours / norm, "<=", TARGETS["host"]))
     sweep = [r for r in rows if r["workload"].startswith("sweep") and r["path"] == "cpu"]
     if sweep:
-        per = [r["ns_per_param"] for r in sweep]
-        checks.append(("sweep: max/min time per parameter", max(per) / min(per), "<=", TARGETS["sweep_linearity"]))
+        # BENCHMARKS.md: no size slower per parameter than 1.2x the largest (smaller sizes
+        # may be faster: they fit in cache).
+        largest = max(sweep, key=lambda r: r["n"])["ns_per_param"]
+        worst = max(r["ns_per_param"] for r in sweep) / largest
+        checks.append(("sweep: slowest time per parameter / the largest size's", worst, "<=",
+                       TARGETS["sweep_linearity"]))
     print()
     print("| target | measured | goal | met |")
     print("|---|---:|---:|---|")

@@ -44,7 +44,7 @@ test: setup
 # to run on. The Triton cases are left out here (its interpreter computes with NumPy, which
 # these switches do not reach; the model gradients they compare are the same as the other
 # backends'). tests/test_isa.py checks every build of the loops in the main suite too.
-NUMERICS := tests/test_published.py tests/test_weightings.py tests/test_properties.py
+NUMERICS := tests/test_published.py tests/test_weightings.py tests/test_properties.py tests/test_precision.py
 AVX2 := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 MMFAST_CPU_ISA=avx2
 test-isa: setup
 	$(AVX2) $(PY) -m pytest -q -p no:cacheprovider -k "not triton" $(NUMERICS)

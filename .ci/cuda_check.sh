@@ -23,6 +23,11 @@ elif [ ! -f "$venv/.ready" ]; then
   "$venv/bin/pip" install -q torch==2.14.1 numpy ninja setuptools wheel
   touch "$venv/.ready"
 fi
+# --venv-only: just the venv (.ci/run fetches it while the CPU build and tests run).
+if [ "${1:-}" = "--venv-only" ]; then
+  echo "cuda-check: venv $venv ready"
+  exit 0
+fi
 py=$(cd "$venv" && pwd)/bin/python
 # Build from a copy, so the CPU build in the working tree is left alone.
 src=$(mktemp -d)

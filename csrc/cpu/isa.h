@@ -18,7 +18,10 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(MMFAST_NO_ISA_BUILDS)
+// GCC 11 or later (the x86-64-v3/v4 names); clang does not read #pragma GCC target, so a
+// clang build (like a non-x86 one) gets the baseline build only: right, not as fast.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    !defined(MMFAST_NO_ISA_BUILDS)
 #include <immintrin.h>
 
 // GCC 12 warns inside its own intrinsics (the _mm512_undefined_* pass-through operand of

@@ -11,15 +11,6 @@ from dist_worker import STEPS, batch_worker, train, worker
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 
 
-def launch(tmp_path, method, mode, scenario="plain", bad_rank=None, timeout=120):
-    ctx = mp.get_context("spawn")
-    init = tmp_path / "init"
-    procs = [ctx.Process(target=worker, args=(r, 2, str(init), str(tmp_path), method, mode, scenario, bad_rank))
-             for r in range(2)]
-    _run(procs, timeout)
-    return _read(tmp_path, "")
-
-
 def _run(procs, timeout):
     for p in procs:
         p.start()
@@ -130,28 +121,63 @@ def test_uneven_last_batch(batch):
     assert_equal_to_one_process(results, ref_grads, ref_params)
 
 
-def test_branch_on_one_rank_without_ddp_is_a_clear_error(tmp_path):
+# The jobs where ranks fail: all at once, each pair in its own processes. Most of a job is
+# a rank waiting out the process group's 15 s timeout, so together they take about as long
+# as one. A job whose ranks are still alive at the deadline has hung.
+FAILS = {
+    "branch1-plain": ("mmpareto", "plain", "branch1", None),
+    "bad-rank": ("mmpareto", "plain", "plain", 1),
+    **{f"fail-{m}-{mode}": (m, mode, "fail", None) for m in ("mmpareto", "dgl", "multi")
+       for mode in ("plain", "ddp", "fsdp")},
+}
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    ctx = mp.get_context("spawn")
+    jobs = {}
+    for name, (method, mode, scenario, bad_rank) in FAILS.items():
+        out = tmp_path_factory.mktemp(name)
+        jobs[name] = (out, [ctx.Process(target=worker, args=(r, 2, str(out / "init"), str(out), method, mode,
+                                                              scenario, bad_rank)) for r in range(2)])
+    for _, procs in jobs.values():
+        for p in procs:
+            p.start()
+    deadline = time.time() + 150
+    for _, procs in jobs.values():
+        for p in procs:
+            p.join(max(1, deadline - time.time()))
+    hung = {name for name, (_, procs) in jobs.items() if any(p.is_alive() for p in procs)}
+    for _, procs in jobs.values():
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return lambda name: (name not in hung, *_read(jobs[name][0], ""))
+
+
+def test_branch_on_one_rank_without_ddp_is_a_clear_error(failures):
     """With process_group= only, mmfast cannot know a parameter another rank reached:
     every rank raises, naming the fix (ddp=), instead of hanging or averaging garbage."""
-    results, errors = launch(tmp_path, "mmpareto", "plain", "branch1", timeout=90)
+    finished, results, errors = failures("branch1-plain")
+    assert finished, "a rank hung"
     assert len(errors) == 2, errors
     assert all("different parameters with gradients" in e and "ddp=" in e for e in errors.values()), errors
 
 
-def test_a_failing_rank_does_not_hang_the_others(tmp_path):
-    results, errors = launch(tmp_path, "mmpareto", "plain", bad_rank=1, timeout=90)
+def test_a_failing_rank_does_not_hang_the_others(failures):
+    finished, results, errors = failures("bad-rank")
+    assert finished, "a rank hung"
     assert "missing the unimodal loss of group 'visual'" in errors.get(1, ""), errors
     assert "mmfast.MMPareto: all-reduce of" in errors.get(0, "") and "another rank" in errors[0], errors
 
 
 @pytest.mark.parametrize("mode", ["plain", "ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["mmpareto", "dgl", "multi"])
-def test_a_rank_failing_mid_training_fails_the_others(tmp_path, method, mode):
+def test_a_rank_failing_mid_training_fails_the_others(failures, method, mode):
     """Rank 1 raises at step 1, after a step of communication: rank 0, waiting in a collective
     (mmfast's all-reduces, DDP's or FSDP's), fails within the process group's 15 s timeout
     instead of hanging."""
-    start = time.time()
-    results, errors = launch(tmp_path, method, mode, "fail", timeout=90)
+    finished, results, errors = failures(f"fail-{method}-{mode}")
+    assert finished, "a rank hung"
     assert "rank 1 fails at step 1" in errors.get(1, ""), errors
     assert 0 in errors and 0 not in results, (results.keys(), errors)
-    assert time.time() - start < 90

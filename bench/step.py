@@ -36,7 +36,7 @@ sys.path.append(os.path.join(HERE, ".."))  # testbed (appended: an installed mmf
 import mmfast  # noqa: E402
 from testbed.models import resnet18_av, resnet18_av_dgl  # noqa: E402
 from published import published_dgl_step, published_mmpareto_step  # noqa: E402
-from workloads import median_time, peak_rss_mb  # noqa: E402
+from workloads import interleaved, median, median_time, peak_rss_mb  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 BATCH, CLASSES = 8, 6
@@ -121,21 +121,6 @@ def host_cost(method: str, reps: int = 20) -> float:
     return median_time(host, reps, warmup=2)
 
 
-def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each function, timed in rounds that alternate between them."""
-    import time
-
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=7)
@@ -146,7 +131,7 @@ def main():
     for method in ("mmpareto", "dgl"):
         err = check_equal(method)
         fns = {v: setup(method, v)[0] for v in ("published", "mmfast", "floor")}
-        times = interleaved(fns, args.reps)
+        times = {k: median(ts) for k, ts in interleaved(fns, args.reps).items()}
         host = host_cost(method)
         group_bytes = sum(p.numel() * p.element_size() for p in fns["mmfast"].helper.groups.resolve().params)
         mem = {v: step_peak_mb(method, v) for v in ("published", "mmfast", "floor")}

@@ -82,6 +82,26 @@ def median_time(fn, reps: int, warmup: int = 1, cold: bool = False) -> float:
     return times[len(times) // 2]
 
 
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Seconds of each call, per round: ``{name: [t_round0, ...]}``. Every round calls each
+    function once, in an order that reverses from round to round, so a drift of the shared
+    machine reaches all of them alike (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def median(ts: list) -> float:
+    return sorted(ts)[len(ts) // 2]
+
+
 def host_cost(n: int, rounds: int = 31, reps: int = 5) -> tuple:
     """Host time (seconds) of one ``combine_`` call on the cpu backend and of one
     ``torch._foreach_norm`` over the same ``n`` one-element tensors (BENCHMARKS.md), as two
